@@ -1,0 +1,71 @@
+"""Pipeline calls: a group of compatible requests → one uint8 RGB image per request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GenerationError
+from .families import FLUX, SD3, PipelineTraits
+from .settings import ModelSettings
+from .validation import GenerationRequest
+
+
+class DiffusionEngine:
+    """Runs one loaded pipeline. Not thread-safe: Triton calls ``execute`` of an instance one batch at a time."""
+
+    def __init__(self, pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> None:
+        self.pipeline = pipeline
+        self.traits = traits
+        self.settings = settings
+        self.max_sequence_length = settings.max_sequence_length or traits.max_sequence_length
+
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]:
+        """Images (uint8, [H, W, 3]) for requests that share size, steps, guidance and negative-prompt use."""
+        first = group[0]
+        if any(request.group_key != first.group_key for request in group):
+            raise ValueError("generate() takes only requests with one group_key; split them with group_requests")
+        # One generator per request, on the CPU: a request's initial noise depends on its seed alone, whatever
+        # else shares the call, and is the same on every device type.
+        generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in group]
+        arguments: dict[str, Any] = {
+            "prompt": [request.prompt for request in group],
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": generators,
+            "output_type": "pt",
+        }
+        if first.negative_prompt is not None:
+            arguments["negative_prompt"] = [request.negative_prompt for request in group]
+        family = self.traits.family
+        if family in (SD3, FLUX) and self.max_sequence_length is not None:
+            arguments["max_sequence_length"] = self.max_sequence_length
+        if family is FLUX and first.negative_prompt is not None:
+            arguments["true_cfg_scale"] = self.settings.true_cfg_scale
+        try:
+            with torch.inference_mode():
+                images = self.pipeline(**arguments).images
+        except torch.cuda.OutOfMemoryError as error:
+            raise GenerationError(
+                f"out of GPU memory generating {len(group)} image(s) of {first.width}x{first.height}; "
+                "retry smaller, or lower max_batch_size in config.pbtxt"
+            ) from error
+        return to_uint8_images(images)
+
+
+def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
+    """Pipeline output ([N, 3, H, W] floats in [0, 1]) → N arrays [H, W, 3] uint8, rounded as diffusers does."""
+    # In float32 even for half-precision pipelines: 255 * x in float16 is off by up to one step.
+    images = images.float()
+    if not bool(torch.isfinite(images).all()):
+        raise GenerationError(
+            "the pipeline produced non-finite pixels (a float16 overflow, often in the VAE); "
+            "set dtype_gpu to bfloat16 or float32 in config.pbtxt"
+        )
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [np.ascontiguousarray(image) for image in pixels]

@@ -1,0 +1,43 @@
+"""The exceptions of the server side: one root, one subclass per way a caller must react."""
+
+from __future__ import annotations
+
+
+class DiffusersBackendError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ModelConfigError(DiffusersBackendError):
+    """A ``config.pbtxt`` parameter is missing, unknown or out of its range; the model does not load."""
+
+
+class ModelLoadError(DiffusersBackendError):
+    """The pipeline's weights could not be found, fetched or placed; the model does not load."""
+
+
+class InvalidRequestError(DiffusersBackendError):
+    """One request's input breaks a rule; only that request fails (Triton ``INVALID_ARG``).
+
+    The message always names the field, the value received and the rule it broke.
+    """
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        self.field = field
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{field}={describe_value(value)} is invalid: {rule}")
+
+
+class GenerationError(DiffusersBackendError):
+    """The pipeline failed on valid input (out of memory, non-finite pixels); that group of requests fails."""
+
+
+_MAX_SHOWN_CHARS = 48
+
+
+def describe_value(value: object) -> str:
+    """A short, safe rendering of a received value for an error message (long prompts are cut)."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN_CHARS:
+        return f"{text[:_MAX_SHOWN_CHARS]}…({len(text)} chars)"
+    return text

@@ -1,0 +1,101 @@
+"""One served model without Triton: a batch of raw requests in, one outcome per request out.
+
+:class:`DiffusersService` is what every ``model.py`` drives through :mod:`.triton_model`; tests and benchmarks
+drive it directly. A bad request fails alone; a failed pipeline call fails its group alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .batching import group_requests
+from .errors import DiffusersBackendError, GenerationError, InvalidRequestError
+from .families import PipelineTraits
+from .settings import ModelSettings
+from .validation import GenerationRequest, RequestLimits, parse_request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: np.ndarray
+    """uint8, [H, W, 3], RGB."""
+    seed: int
+    """The seed the image was generated with: sending it back reproduces the image."""
+
+
+Outcome = GeneratedImage | DiffusersBackendError
+
+
+class ImageGenerator(Protocol):
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]: ...
+
+
+class DiffusersService:
+    def __init__(self, generator: ImageGenerator, limits: RequestLimits, model_id: str) -> None:
+        self.generator = generator
+        self.limits = limits
+        self.model_id = model_id
+
+    @classmethod
+    def load(cls, settings: ModelSettings, placement: Any, model_directory: Path | None = None) -> DiffusersService:
+        """Load the configured pipeline onto ``placement`` (a :class:`.loading.Placement`)."""
+        from .loading import load_pipeline
+
+        pipeline, traits = load_pipeline(settings, placement, model_directory)
+        return cls.from_pipeline(pipeline, traits, settings)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> DiffusersService:
+        from .engine import DiffusionEngine
+
+        return cls(DiffusionEngine(pipeline, traits, settings), RequestLimits.for_model(traits, settings),
+                   settings.model_id)
+
+    def execute(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Outcome]:
+        """One outcome per request of ``batch`` (input name → array), in order."""
+        started = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        parsed: list[GenerationRequest] = []
+        positions: list[int] = []
+        for position, tensors in enumerate(batch):
+            try:
+                parsed.append(parse_request(tensors, self.limits))
+                positions.append(position)
+            except InvalidRequestError as error:
+                logger.info("%s: request refused: %s %s", self.model_id, error.field, error.rule)
+                outcomes[position] = error
+
+        groups = group_requests(parsed)
+        for group in groups:
+            requests = [parsed[index] for index in group]
+            try:
+                images = self.generator.generate(requests)
+            except GenerationError as error:
+                logger.error("%s: generation failed for %d request(s): %s", self.model_id, len(group), error)
+                results: list[Outcome] = [error] * len(group)
+            except Exception as error:  # noqa: BLE001 - one failing call must not take the others down
+                logger.exception("%s: pipeline call failed for %d request(s)", self.model_id, len(group))
+                failure = GenerationError(f"the pipeline failed: {type(error).__name__}: {error}")
+                results = [failure] * len(group)
+            else:
+                results = [GeneratedImage(image, request.seed) for image, request in zip(images, requests)]
+            for index, result in zip(group, results):
+                outcomes[positions[index]] = result
+
+        logger.info(
+            "%s: %d request(s), %d refused, %d pipeline call(s), %.3f s",
+            self.model_id, len(batch), len(batch) - len(parsed), len(groups), time.perf_counter() - started,
+        )
+        missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
+        if missing:  # would misalign responses and requests: fail loudly instead
+            raise RuntimeError(f"no outcome for request positions {missing}")
+        return [outcome for outcome in outcomes if outcome is not None]

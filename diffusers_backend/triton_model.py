@@ -1,0 +1,86 @@
+"""The Triton Python-backend model shared by every family: translation between ``pb_utils`` and the service.
+
+``model_repository/<model>/1/model.py`` exposes :class:`DiffusersTritonModel` as ``TritonPythonModel``. The
+module ``triton_python_backend_utils`` exists only inside Triton's Python stub, so it is imported when Triton
+calls :meth:`DiffusersTritonModel.initialize`; unit tests put a fake one in ``sys.modules`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DiffusersBackendError, InvalidRequestError
+from .loading import Placement
+from .service import DiffusersService, GeneratedImage, Outcome
+from .settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+LOG_LEVEL_VARIABLE = "DIFFUSERS_BACKEND_LOG_LEVEL"
+
+
+class DiffusersTritonModel:
+    """``TritonPythonModel`` for any diffusers text-to-image pipeline; the family comes from the weights."""
+
+    service: DiffusersService
+    input_names: list[str]
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb_utils: Any = pb_utils
+        _configure_logging()
+        model_name = args["model_name"]
+        config = json.loads(args["model_config"])
+        self.input_names = [spec["name"] for spec in config["input"]]
+        placement = Placement(args["model_instance_kind"], int(args["model_instance_device_id"]))
+        try:
+            settings = ModelSettings.from_parameters(config.get("parameters", {}))
+            self.service = DiffusersService.load(settings, placement, Path(args["model_repository"]))
+        except DiffusersBackendError as error:
+            # Triton prints this under the model's name and, with --exit-on-error, stops the server.
+            raise RuntimeError(f"Triton model {model_name!r} failed to load: {error}") from error
+        logger.info("%s ready as %r on %s", model_name, settings.model_id, placement.torch_device)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        batch = [self._input_arrays(request) for request in requests]
+        return [self._response(outcome) for outcome in self.service.execute(batch)]
+
+    def finalize(self) -> None:
+        logger.info("%s unloading", self.service.model_id)
+        del self.service
+
+    def _input_arrays(self, request: Any) -> dict[str, np.ndarray]:
+        arrays = {}
+        for name in self.input_names:
+            tensor = self.pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                arrays[name] = tensor.as_numpy()
+        return arrays
+
+    def _response(self, outcome: Outcome) -> Any:
+        pb_utils = self.pb_utils
+        if isinstance(outcome, GeneratedImage):
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("IMAGE", outcome.image[np.newaxis]),
+                pb_utils.Tensor("SEED", np.array([[outcome.seed]], dtype=np.int64)),
+            ])
+        code = (pb_utils.TritonError.INVALID_ARG if isinstance(outcome, InvalidRequestError)
+                else pb_utils.TritonError.INTERNAL)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome), code))
+
+
+def _configure_logging() -> None:
+    # The stub's stderr is the server's log; Triton configures no Python logging of its own.
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("diffusers_backend").setLevel(os.environ.get(LOG_LEVEL_VARIABLE, "INFO").upper())

@@ -1,0 +1,117 @@
+"""``scripts/serve``: run tritonserver on a model repository until SIGINT or SIGTERM.
+
+Prints exactly one line on stdout, ``READY http://127.0.0.1:PORT``, once every model has answered a real
+inference; everything else goes to stderr and the server log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from .errors import LauncherError
+from .paths import MODEL_REPOSITORY, STATE_DIR, TINY_REPOSITORY
+from .server import DEFAULT_HTTP_PORT, ServerOptions, TritonServer
+
+logger = logging.getLogger("triton_launcher")
+
+
+class _StopRequested(Exception):
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+
+
+def _raise_stop(signal_number: int, _frame: FrameType | None) -> None:
+    # A second Ctrl-C must not interrupt the orderly stop that the first one started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _StopRequested(signal_number)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--tiny", action="store_true",
+                        help="serve the tiny random-weight models (built once, cached) on the CPU")
+    source.add_argument("--model-repository", type=Path, default=None,
+                        help=f"model repository to serve (default: {MODEL_REPOSITORY})")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help="HTTP port on 127.0.0.1 (default: %(default)s); gRPC and metrics use the next two")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: HTTP port + 1)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="metrics port (default: HTTP port + 2)")
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help="where the inference key (mode 0600), server.json and the log go (default: %(default)s)")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, metavar="SECONDS",
+                        help="give up if the models are not serving after this long (default: %(default)s)")
+    parser.add_argument("--tritonserver", type=Path, default=None, metavar="PATH",
+                        help="tritonserver binary (default: the bundled one, else the one on PATH)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="server log (default: STATE_DIR/tritonserver.log; '-' for stderr)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--dry-run", action="store_true", help="print the tritonserver command and exit")
+    arguments = parser.parse_args(argv)
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        port = getattr(arguments, name)
+        if port is not None and not 1 <= port <= 65535:
+            parser.error(f"--{name.replace('_', '-')}={port} is invalid: must be a TCP port, 1 to 65535")
+    if arguments.ready_timeout <= 0:
+        parser.error(f"--ready-timeout={arguments.ready_timeout} is invalid: must be a positive number of seconds")
+    if arguments.model_repository is not None and not arguments.model_repository.is_dir():
+        parser.error(f"--model-repository={arguments.model_repository} is invalid: not a directory")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    arguments = parse_arguments(argv)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+
+    repository = arguments.model_repository or (TINY_REPOSITORY if arguments.tiny else MODEL_REPOSITORY)
+    options = ServerOptions(
+        model_repository=repository.resolve(),
+        state_dir=arguments.state_dir.resolve(),
+        http_port=arguments.http_port,
+        grpc_port=arguments.grpc_port,
+        metrics_port=arguments.metrics_port,
+        ready_timeout_s=arguments.ready_timeout,
+        executable=arguments.tritonserver,
+        log_file=arguments.log_file,
+        log_verbose=arguments.log_verbose,
+    )
+    server = TritonServer(options)
+    try:
+        if arguments.dry_run:
+            print(shlex.join(server.command()))
+            return 0
+        if arguments.tiny:
+            from .repository import build_tiny_repository
+
+            logger.info("building the tiny models (cached after the first time)")
+            build_tiny_repository(repository)
+        with server:
+            logger.info("serving %s from %s; log: %s", ", ".join(server.models), repository,
+                        server.log_path or "stderr")
+            print(f"READY {server.url}", flush=True)
+            assert server.process is not None
+            code = server.process.wait()
+            logger.error("tritonserver exited on its own with code %s", code)
+            return 1
+    except _StopRequested as stop:
+        logger.info("%s received: stopping tritonserver", stop)
+        server.stop()
+        return 0
+    except LauncherError as error:
+        print(f"scripts/serve: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The tritonserver process: hardened flags, an inference key, readiness by real inference, clean shutdown.
+
+Use it as a context manager so that no test or script leaks a server or its Python stubs::
+
+    with TritonServer(ServerOptions(model_repository=TINY_REPOSITORY)) as server:
+        client = server.http_client()
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import contract
+from .errors import ServerStartError
+from .installation import TritonInstallation, find_installation
+from .paths import INFER_KEY_FILE, INFER_KEY_HEADER, LOG_FILE, SERVER_FILE, STATE_DIR
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000
+PROBE_SIDE = 64
+"""Side of the readiness probe's image: a multiple of every family's size multiple, cheap on any device."""
+_LOG_TAIL_LINES = 40
+_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_repository: Path
+    state_dir: Path = STATE_DIR
+    http_port: int = DEFAULT_HTTP_PORT
+    grpc_port: int | None = None
+    """None: http_port + 1."""
+    metrics_port: int | None = None
+    """None: http_port + 2."""
+    ready_timeout_s: float = 900.0
+    """Model loading (a hub download on first start) and the probe inferences must finish within this."""
+    stop_timeout_s: float = 60.0
+    executable: Path | None = None
+    """A tritonserver binary; None: the bundled one, else the one on PATH."""
+    log_file: Path | None = None
+    """None: ``<state_dir>/tritonserver.log``; ``Path("-")``: this process's stderr."""
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = field(default=())
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (another process may take it before we do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_arguments(options: ServerOptions, installation: TritonInstallation, infer_key: str) -> list[str]:
+    """The full tritonserver command line. Hardening follows Triton's secure deployment guide."""
+    http_port = options.http_port
+    grpc_port = options.grpc_port if options.grpc_port is not None else http_port + 1
+    metrics_port = options.metrics_port if options.metrics_port is not None else http_port + 2
+    restricted = f"inference:{INFER_KEY_HEADER}={infer_key}"
+    return [
+        str(installation.executable),
+        f"--model-repository={options.model_repository}",
+        f"--backend-directory={installation.backend_directory}",
+        # Every endpoint on loopback only; a reverse proxy or the capability layer faces the network.
+        f"--http-address={LOOPBACK}", f"--http-port={http_port}",
+        f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={LOOPBACK}", f"--metrics-port={metrics_port}",
+        # Inference needs the key; health and metadata stay open for probes.
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        "--disable-auto-complete-config",
+        f"--log-verbose={options.log_verbose}",
+        *options.extra_args,
+    ]
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only, created so from the start (no window at 0644)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    temporary.replace(path)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the launcher dies without cleaning up (SIGKILL), the server gets
+    # SIGTERM from the kernel and stops its stubs itself. Linux only; harmless elsewhere.
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class TritonServer:
+    """One tritonserver process and the state dir describing it."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self.infer_key = ""
+        self.models: list[str] = []
+        self._log_handle: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.options.http_port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        if self.options.log_file == Path("-"):
+            return None
+        return self.options.log_file or self.options.state_dir / LOG_FILE
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers every inference request must carry."""
+        return {INFER_KEY_HEADER: self.infer_key}
+
+    def __enter__(self) -> TritonServer:
+        try:
+            self.start()
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def command(self) -> list[str]:
+        """The command line that :meth:`start` runs (the key shown as ``<infer-key>``)."""
+        return server_arguments(self.options, find_installation(self.options.executable), "<infer-key>")
+
+    def start(self) -> None:
+        installation = find_installation(self.options.executable)
+        state_dir = self.options.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(0o700)
+        (state_dir / SERVER_FILE).unlink(missing_ok=True)
+        # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
+        self.infer_key = secrets.token_urlsafe(32)
+        write_private_file(state_dir / INFER_KEY_FILE, self.infer_key + "\n")
+
+        log_path = self.log_path
+        if log_path is None:
+            output: IO[bytes] | int = sys.stderr.buffer
+        else:
+            self._log_handle = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+            output = self._log_handle
+        arguments = server_arguments(self.options, installation, self.infer_key)
+        logger.info("starting %s on %s", installation.executable, self.url)
+        self.process = subprocess.Popen(
+            arguments,
+            env=installation.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Its own process group: stopping it reaches the Python stubs it spawned, and a Ctrl-C in the
+            # launcher's terminal reaches the launcher only, which then stops the server in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+        )
+
+    def wait_until_ready(self) -> None:
+        """Block until every model is ready and has answered a real inference, or raise ServerStartError."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        while not self._http_ok("/v2/health/ready"):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ServerStartError(self._with_log(f"not ready after {self.options.ready_timeout_s:.0f} s"))
+            time.sleep(_POLL_SECONDS)
+        self.models = self._ready_models()
+        if not self.models:
+            raise ServerStartError(self._with_log(f"no model in {self.options.model_repository} is ready"))
+        # A ready model can still be broken (a dead stub answers readiness: Triton issue 8604): only a real
+        # inference on each model proves it serves.
+        for model in self.models:
+            self.probe(model, timeout_s=max(1.0, deadline - time.monotonic()))
+        self._write_server_file()
+
+    def probe(self, model: str, timeout_s: float = 300.0) -> None:
+        """One small real inference on ``model``; raise ServerStartError unless it returns a right-sized image."""
+        request = contract.TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE,
+                                       num_inference_steps=1, seed=0)
+        try:
+            with self.http_client(timeout_s=timeout_s) as client:
+                result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                      headers=self.headers)
+            image = contract.read_result(result).image
+        except Exception as error:
+            self._check_alive()
+            raise ServerStartError(self._with_log(f"probe inference on {model!r} failed: {error}")) from error
+        if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
+            raise ServerStartError(f"probe inference on {model!r} returned an image of shape {image.shape}")
+
+    def http_client(self, timeout_s: float = 600.0, concurrency: int = 1) -> Any:
+        """A ``tritonclient.http.InferenceServerClient`` for this server; pass :attr:`headers` to ``infer``."""
+        import tritonclient.http
+
+        return tritonclient.http.InferenceServerClient(
+            f"{LOOPBACK}:{self.options.http_port}", connection_timeout=timeout_s, network_timeout=timeout_s,
+            concurrency=concurrency,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM (Triton finishes in-flight requests and stops its stubs), then SIGKILL the whole group."""
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=self.options.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning("tritonserver did not stop within %.0f s; killing it",
+                                   self.options.stop_timeout_s)
+            # Whatever is left of its group (a hung stub) goes too: nothing outlives the launcher.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            self.process = None
+        (self.options.state_dir / SERVER_FILE).unlink(missing_ok=True)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def _check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise ServerStartError(self._with_log(f"tritonserver exited during start-up (exit code {code})"))
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:  # noqa: S310 - loopback URL
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _ready_models(self) -> list[str]:
+        request = urllib.request.Request(self.url + "/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback URL
+            index = json.load(response)
+        return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
+
+    def _write_server_file(self) -> None:
+        assert self.process is not None
+        description = {
+            "url": self.url,
+            "pid": self.process.pid,
+            "models": self.models,
+            "model_repository": str(self.options.model_repository),
+            "infer_key_file": INFER_KEY_FILE,
+            "infer_key_header": INFER_KEY_HEADER,
+        }
+        write_private_file(self.options.state_dir / SERVER_FILE, json.dumps(description, indent=2) + "\n")
+
+    def _with_log(self, message: str) -> str:
+        log_path = self.log_path
+        if log_path is None or not log_path.is_file():
+            return message
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+        return f"{message}\n--- last lines of {log_path} ---\n" + "\n".join(lines)
