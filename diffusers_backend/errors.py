@@ -25,7 +25,20 @@ class InvalidRequestError(DiffusersBackendError):
         self.field = field
         self.value = value
         self.rule = rule
-        super().__init__(f"{field}={describe_value(value)} is invalid: {rule}")
+        if value is MISSING:
+            super().__init__(f"{field} is missing: {rule}")
+        else:
+            super().__init__(f"{field}={describe_value(value)} is invalid: {rule}")
+
+
+class Shown(str):
+    """A description of a received value that is shown as is, unquoted (e.g. ``<INT64 tensor>``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+MISSING = Shown("<missing>")
 
 
 class GenerationError(DiffusersBackendError):

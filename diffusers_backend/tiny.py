@@ -4,7 +4,8 @@ Four families are supported: SD1.5, SDXL, SD3 and FLUX (schnell flavour). Each
 pipeline has real component classes and wiring but only a few hundred thousand
 random parameters, so tests can load and run it on a CPU in well under a second.
 Nothing is downloaded: tokenizer files are written by hand into a temporary
-folder and loaded from there, which works on transformers 4.x and 5.x alike.
+folder and loaded with ``from_pretrained``, the construction path that behaves
+the same on transformers 4.x and 5.x (direct constructor arguments do not).
 
 The configs follow the verified reference in ``shared/docs/tiny-pipelines.md``;
 the comments below repeat the constraints that tie their numbers together.
@@ -227,8 +228,8 @@ _FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
     "joint_attention_dim": _T5_CONFIG["d_model"],
     # FLUX pools only CLIPTextModel's pooler output (hidden_size wide).
     "pooled_projection_dim": _CLIP_TEXT_CONFIG["hidden_size"],
-    # FLUX.1-schnell is guidance-distilled away: it has no guidance embedding,
-    # so guidance_scale has no effect on it.
+    # Mirrors FLUX.1-schnell, which (unlike FLUX.1-dev) has no guidance
+    # embedding: guidance_scale has no effect on it.
     "guidance_embeds": False,
     # Must sum to attention_head_dim.
     "axes_dims_rope": (4, 4, 8),
@@ -381,30 +382,34 @@ def _forget_source_folder(tokenizer: PreTrainedTokenizerBase) -> None:
 # --- Models -----------------------------------------------------------------
 
 
-def _build_clip_text_model(with_projection: bool) -> torch.nn.Module:
-    config = CLIPTextConfig(**_CLIP_TEXT_CONFIG)
-    if with_projection:
-        return CLIPTextModelWithProjection(config)
-    return CLIPTextModel(config)
+def _build_clip_text_model() -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(**_CLIP_TEXT_CONFIG))
 
 
-def _build_t5_encoder(d_model: int) -> torch.nn.Module:
+def _build_clip_text_model_with_projection() -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP_TEXT_CONFIG))
+
+
+def _build_t5_encoder(d_model: int) -> T5EncoderModel:
     return T5EncoderModel(T5Config(**{**_T5_CONFIG, "d_model": d_model}))
 
 
 def _build_vae(**overrides: Any) -> AutoencoderKL:
-    return AutoencoderKL(**{**_VAE_CONFIG, **overrides})
+    vae: AutoencoderKL = AutoencoderKL(**{**_VAE_CONFIG, **overrides})
+    return vae
 
 
 def _build_sd15() -> DiffusionPipeline:
     return StableDiffusionPipeline(
         vae=_build_vae(scaling_factor=0.18215),
-        text_encoder=_build_clip_text_model(with_projection=False),
+        text_encoder=_build_clip_text_model(),
         tokenizer=_build_clip_tokenizer(),
         unet=UNet2DConditionModel(**_SD15_UNET_CONFIG),
         scheduler=PNDMScheduler(**_SD15_PNDM_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
+        # diffusers annotates both as required, but None is its documented way
+        # to leave them out (a real safety checker is a full CLIP vision model).
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
 
@@ -412,8 +417,8 @@ def _build_sd15() -> DiffusionPipeline:
 def _build_sdxl() -> DiffusionPipeline:
     return StableDiffusionXLPipeline(
         vae=_build_vae(scaling_factor=0.13025),
-        text_encoder=_build_clip_text_model(with_projection=False),
-        text_encoder_2=_build_clip_text_model(with_projection=True),
+        text_encoder=_build_clip_text_model(),
+        text_encoder_2=_build_clip_text_model_with_projection(),
         tokenizer=_build_clip_tokenizer(),
         tokenizer_2=_build_clip_tokenizer(),
         unet=UNet2DConditionModel(**_SDXL_UNET_CONFIG),
@@ -429,9 +434,9 @@ def _build_sd3() -> DiffusionPipeline:
         transformer=SD3Transformer2DModel(**_SD3_TRANSFORMER_CONFIG),
         scheduler=FlowMatchEulerDiscreteScheduler(**_SD3_FLOW_CONFIG),
         vae=_build_vae(**_FLOW_VAE_OVERRIDES, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=_build_clip_text_model(with_projection=True),
+        text_encoder=_build_clip_text_model_with_projection(),
         tokenizer=_build_clip_tokenizer(),
-        text_encoder_2=_build_clip_text_model(with_projection=True),
+        text_encoder_2=_build_clip_text_model_with_projection(),
         tokenizer_2=_build_clip_tokenizer(),
         text_encoder_3=_build_t5_encoder(d_model=_SD3_T5_D_MODEL),
         tokenizer_3=_build_t5_tokenizer(),
@@ -442,7 +447,7 @@ def _build_flux() -> DiffusionPipeline:
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_FLOW_CONFIG),
         vae=_build_vae(**_FLOW_VAE_OVERRIDES, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=_build_clip_text_model(with_projection=False),
+        text_encoder=_build_clip_text_model(),
         tokenizer=_build_clip_tokenizer(),
         text_encoder_2=_build_t5_encoder(d_model=_T5_CONFIG["d_model"]),
         tokenizer_2=_build_t5_tokenizer(),
@@ -472,7 +477,6 @@ def _deterministic_fp32_construction() -> Iterator[None]:
     random stream of whoever calls us, and the default dtype is pinned to fp32
     in case the caller changed it.
     """
-
     previous_default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_BUILD_SEED)
@@ -489,7 +493,6 @@ def build_tiny_pipeline(family: str) -> DiffusionPipeline:
     Deterministic: weights come from ``torch.manual_seed(0)``, so two builds
     hold identical tensors. Every module is fp32 and in eval mode.
     """
-
     _check_family(family)
     with _deterministic_fp32_construction():
         pipeline = _PIPELINE_BUILDERS[family]()
@@ -601,8 +604,10 @@ def _build_into(root: pathlib.Path, family: str, fingerprint: str) -> pathlib.Pa
 
 
 def _remove_leftovers(root: pathlib.Path, family: str) -> None:
-    """Delete staging folders of builds that crashed (we hold the lock, so
-    no live builder owns them)."""
+    """Delete staging folders left by crashed builds.
+
+    Only called under the lock, so no live builder can own them.
+    """
     for pattern in (f".tiny-{family}.building-*", f".tiny-{family}.stale-*"):
         for leftover in root.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)

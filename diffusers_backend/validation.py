@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .errors import MISSING, InvalidRequestError, Shown
 from .families import PipelineTraits
 from .settings import ModelSettings
 
@@ -104,7 +104,7 @@ def parse_request(
     """Check one request's tensors (name → array as Triton gives them) and fill in the defaults."""
     prompt = _text(tensors, "PROMPT", limits.max_prompt_bytes)
     if prompt is None:
-        raise InvalidRequestError("PROMPT", None, "is required: send one UTF-8 string")
+        raise InvalidRequestError("PROMPT", MISSING, "it is required: send one UTF-8 string")
     if not prompt.strip():
         raise InvalidRequestError("PROMPT", prompt, "must contain visible text, not be empty or blank")
 
@@ -173,7 +173,7 @@ def _single(tensors: Mapping[str, np.ndarray], field: str) -> np.ndarray | None:
         return None
     if array.size != 1:
         raise InvalidRequestError(
-            field, f"<{array.size} values, shape {list(array.shape)}>",
+            field, Shown(f"<{array.size} values, shape {list(array.shape)}>"),
             "must hold exactly one value per request, shape [1, 1] with the batch dimension "
             "(send one request per image; the server batches requests itself)",
         )
@@ -186,9 +186,9 @@ def _text(tensors: Mapping[str, np.ndarray], field: str, max_bytes: int) -> str 
         return None
     raw = array.reshape(-1)[0]
     if not isinstance(raw, bytes):
-        raise InvalidRequestError(field, f"<{array.dtype} tensor>", "must be a BYTES tensor holding UTF-8 text")
+        raise InvalidRequestError(field, Shown(f"<{array.dtype} tensor>"), "must be a BYTES tensor holding UTF-8 text")
     if len(raw) > max_bytes:
-        raise InvalidRequestError(field, f"<{len(raw)} bytes>", f"must be at most {max_bytes} bytes of UTF-8")
+        raise InvalidRequestError(field, Shown(f"<{len(raw)} bytes>"), f"must be at most {max_bytes} bytes of UTF-8")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -206,7 +206,7 @@ def _optional_integer(tensors: Mapping[str, np.ndarray], field: str, dtype: type
         return None
     if array.dtype != dtype:
         raise InvalidRequestError(
-            field, f"<{array.dtype} tensor>", f"must be an {np.dtype(dtype).name.upper()} tensor"
+            field, Shown(f"<{array.dtype} tensor>"), f"must be an {np.dtype(dtype).name.upper()} tensor"
         )
     return int(array.reshape(-1)[0])
 
@@ -221,5 +221,5 @@ def _number(tensors: Mapping[str, np.ndarray], field: str, dtype: type[np.floati
     if array is None:
         return default
     if array.dtype != dtype:
-        raise InvalidRequestError(field, f"<{array.dtype} tensor>", "must be an FP32 tensor")
+        raise InvalidRequestError(field, Shown(f"<{array.dtype} tensor>"), "must be an FP32 tensor")
     return float(array.reshape(-1)[0])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from diffusers_backend import tiny
 
@@ -135,3 +136,16 @@ def test_build_tiny_models_raises_when_the_family_is_unknown(tmp_path: pathlib.P
     with pytest.raises(ValueError, match="unknown tiny pipeline family"):
         tiny.build_tiny_models(tmp_path, ["sd2"])
     assert not any(tmp_path.iterdir())
+
+
+def test_build_tiny_pipeline_leaves_the_callers_random_stream_alone_when_building() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+
+    pipeline = tiny.build_tiny_pipeline("flux")
+
+    assert torch.equal(torch.rand(4), expected)
+    assert all(
+        not module.training for module in pipeline.components.values() if isinstance(module, torch.nn.Module)
+    )

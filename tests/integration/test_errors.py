@@ -1,0 +1,115 @@
+"""Bad input through the real tritonserver: INVALID_ARG naming the field, and the model keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from tritonclient.http import InferInput
+from tritonclient.utils import InferenceServerException
+
+from triton_launcher import contract
+from triton_launcher.server import TritonServer
+
+from .conftest import TINY_MODELS, Generator
+
+BAD_OPTIONS: list[tuple[dict[str, Any], str, str]] = [
+    ({"prompt": ""}, "PROMPT", "must contain visible text"),
+    ({"prompt": "a", "width": 100}, "WIDTH", "positive multiple of"),
+    ({"prompt": "a", "width": 0}, "WIDTH", "positive multiple of"),
+    ({"prompt": "a", "height": -16}, "HEIGHT", "positive multiple of"),
+    ({"prompt": "a", "width": 4096}, "WIDTH", "at most"),
+    ({"prompt": "a", "num_inference_steps": 0}, "NUM_INFERENCE_STEPS", "between 1 and"),
+    ({"prompt": "a", "num_inference_steps": 1000}, "NUM_INFERENCE_STEPS", "between 1 and"),
+    ({"prompt": "a", "guidance_scale": float("nan")}, "GUIDANCE_SCALE", "finite"),
+    ({"prompt": "a", "guidance_scale": float("inf")}, "GUIDANCE_SCALE", "finite"),
+    ({"prompt": "a", "guidance_scale": -1.0}, "GUIDANCE_SCALE", "between 0 and"),
+    ({"prompt": "a", "seed": -5}, "SEED", "between 0 and"),
+]
+
+
+def assert_invalid_argument(error: InferenceServerException, *fragments: str) -> None:
+    # tritonclient's HTTP client reports INVALID_ARG as HTTP 400.
+    assert error.status() == "400", (error.status(), error.message())
+    for fragment in fragments:
+        assert fragment in error.message(), error.message()
+
+
+def raw_input(name: str, array: np.ndarray, datatype: str) -> InferInput:
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=True)
+    return tensor
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize(("options", "field", "rule"), BAD_OPTIONS, ids=[f"{f}-{r}" for _, f, r in BAD_OPTIONS])
+def test_bad_option_fails_alone_with_invalid_arg_when_sent(
+    generator: Generator, model: str, options: dict[str, Any], field: str, rule: str
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        generator.infer(model, contract.TextToImage(**options))
+    assert_invalid_argument(caught.value, f"{field}=", rule)
+    assert generator.generate(model, num_inference_steps=1).image.shape == (96, 128, 3)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_non_utf8_prompt_fails_with_invalid_arg_when_sent(generator: Generator, model: str) -> None:
+    inputs = [raw_input("PROMPT", np.array([[b"caf\xe9 \xff"]], dtype=np.object_), "BYTES")]
+    with pytest.raises(InferenceServerException) as caught:
+        generator.client.infer(model, inputs, headers=generator.server.headers)
+    assert_invalid_argument(caught.value, "PROMPT=", "valid UTF-8")
+    assert generator.generate(model, num_inference_steps=1).image.shape == (96, 128, 3)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_missing_prompt_fails_with_invalid_arg_naming_prompt_when_only_options_are_sent(
+    generator: Generator, model: str
+) -> None:
+    inputs = [raw_input("WIDTH", np.array([[64]], dtype=np.int32), "INT32")]
+    with pytest.raises(InferenceServerException) as caught:
+        generator.client.infer(model, inputs, headers=generator.server.headers)
+    assert_invalid_argument(caught.value, "PROMPT")
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize(
+    ("array", "datatype"),
+    [(np.array([[64]], dtype=np.int64), "INT64"), (np.array([[64, 64]], dtype=np.int32), "INT32")],
+    ids=["wrong-type", "wrong-shape"],
+)
+def test_wrongly_typed_or_shaped_tensor_fails_with_invalid_arg_naming_it_when_sent(
+    generator: Generator, model: str, array: np.ndarray, datatype: str
+) -> None:
+    inputs = [*contract.TextToImage("a").http_inputs(), raw_input("WIDTH", array, datatype)]
+    with pytest.raises(InferenceServerException) as caught:
+        generator.client.infer(model, inputs, headers=generator.server.headers)
+    assert_invalid_argument(caught.value, "WIDTH")
+
+
+def test_negative_prompt_fails_with_invalid_arg_when_flux_has_no_true_cfg(generator: Generator) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        generator.infer("tiny-flux", contract.TextToImage("a", negative_prompt="blurry"))
+    assert_invalid_argument(caught.value, "NEGATIVE_PROMPT=", "true_cfg_scale")
+
+
+def test_guidance_fails_with_invalid_arg_when_flux_is_guidance_distilled(generator: Generator) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        generator.infer("tiny-flux", contract.TextToImage("a", guidance_scale=3.5))
+    assert_invalid_argument(caught.value, "GUIDANCE_SCALE=3.5", "ignores guidance")
+
+
+@pytest.mark.parametrize("headers", [{}, {"infer-key": "not-the-key"}], ids=["no-key", "wrong-key"])
+def test_inference_is_refused_with_403_when_the_infer_key_is_missing_or_wrong(
+    generator: Generator, headers: dict[str, str]
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        generator.infer("tiny-sd15", contract.TextToImage("a", num_inference_steps=1), headers=headers)
+    assert caught.value.status() == "403"
+    assert "infer-key" in caught.value.message()
+
+
+def test_health_stays_open_when_no_key_is_sent(tiny_server: TritonServer) -> None:
+    with tiny_server.http_client() as client:
+        assert client.is_server_ready()
+        assert all(client.is_model_ready(model) for model in TINY_MODELS)

@@ -1,0 +1,93 @@
+"""scripts/serve's launcher as operators use it: READY line, private key, clean stop, clear start failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from triton_launcher.errors import ServerStartError
+from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
+from triton_launcher.repository import with_parameters
+from triton_launcher.server import TritonServer, free_port
+
+from .conftest import TINY_MODELS, tiny_server_options
+
+
+def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sigint(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    port = free_port()
+    command = [sys.executable, "-m", "triton_launcher", "--model-repository", str(tiny_repository),
+               "--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--state-dir", str(state_dir), "--ready-timeout", "300"]
+    launcher_log = (tmp_path / "launcher.log").open("w")
+    with launcher_log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=launcher_log, text=True) as launcher:
+        try:
+            assert launcher.stdout is not None
+            assert launcher.stdout.readline().strip() == f"READY http://127.0.0.1:{port}"
+
+            key_file = state_dir / INFER_KEY_FILE
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+            description = json.loads((state_dir / SERVER_FILE).read_text())
+            assert description["url"] == f"http://127.0.0.1:{port}"
+            assert sorted(description["models"]) == sorted(TINY_MODELS)
+            assert key_file.read_text().strip() not in json.dumps(description)
+
+            server_process = psutil.Process(description["pid"])
+            family = [server_process, *server_process.children(recursive=True)]
+            assert sum("triton_python_backend_stub" in p.name() for p in family) == len(TINY_MODELS)
+
+            launcher.send_signal(signal.SIGINT)
+            assert launcher.wait(timeout=120) == 0
+            _, alive = psutil.wait_procs(family, timeout=30)
+            assert alive == []
+            assert not (state_dir / SERVER_FILE).exists()
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+
+
+def test_server_start_fails_naming_model_and_parameter_when_config_is_broken(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository / "tiny-sd15", repository / "tiny-sd15")
+    config = repository / "tiny-sd15" / "config.pbtxt"
+    # Relative weights path must still resolve from the copied model directory.
+    source = os.path.relpath(tiny_repository.parent / "pipelines" / "tiny-sd15", config.parent)
+    config.write_text(with_parameters(config.read_text(), {"model_source": source, "max_stepz": "10"}))
+
+    with pytest.raises(ServerStartError) as caught, TritonServer(tiny_server_options(repository, tmp_path / "s")):
+        pass
+    message = str(caught.value)
+    assert "tritonserver exited during start-up" in message
+    assert "Triton model 'tiny-sd15' failed to load" in message
+    assert "['max_stepz'] are unknown" in message
+
+
+def test_server_start_fails_with_advice_when_hub_weights_cannot_be_had_offline(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository / "tiny-sdxl", repository / "tiny-sdxl")
+    config = repository / "tiny-sdxl" / "config.pbtxt"
+    config.write_text(with_parameters(config.read_text(), {"model_source": "example-org/not-cached-model"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+    with pytest.raises(ServerStartError) as caught, TritonServer(tiny_server_options(repository, tmp_path / "s")):
+        pass
+    message = str(caught.value)
+    assert "weights of example-org/not-cached-model cannot be had" in message
+    assert "HF_HUB_OFFLINE is set" in message

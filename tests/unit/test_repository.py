@@ -1,0 +1,38 @@
+"""Deriving the tiny repository's configs from the real ones (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from triton_launcher.paths import MODEL_REPOSITORY
+from triton_launcher.repository import FAMILY_MODELS, read_parameters, tiny_config, with_parameters
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_tiny_config_changes_only_name_kind_and_weights_when_derived(model: str, tmp_path: Path) -> None:
+    real = (MODEL_REPOSITORY / model / "config.pbtxt").read_text()
+    model_directory = tmp_path / "model_repository" / f"tiny-{model}"
+    tiny = tiny_config(real, model, tmp_path / "pipelines" / f"tiny-{model}", model_directory)
+
+    assert f'name: "tiny-{model}"' in tiny
+    assert "KIND_GPU" not in tiny and "kind: KIND_CPU" in tiny
+    real_parameters, tiny_parameters = read_parameters(real), read_parameters(tiny)
+    assert tiny_parameters["model_id"] == f"tiny-{model}"
+    assert tiny_parameters["model_source"] == f"../../pipelines/tiny-{model}"
+    assert "variant" not in tiny_parameters
+    unchanged = {key: value for key, value in real_parameters.items() if key not in {"model_id", "variant"}}
+    assert unchanged.items() <= tiny_parameters.items()
+    # The tensor contract and batching are the real model's.
+    body = real[real.index("max_batch_size"):real.index("instance_group")]
+    assert body in tiny
+
+
+def test_with_parameters_keeps_list_commas_valid_when_the_last_entry_is_removed() -> None:
+    config = ('parameters [\n  { key: "a" value: { string_value: "1" } },\n'
+              '  { key: "b" value: { string_value: "2" } }\n]\n')
+    assert with_parameters(config, {"b": None}) == 'parameters [\n  { key: "a" value: { string_value: "1" } }\n]\n'
+    added = with_parameters(config, {"c": "3"})
+    assert read_parameters(added) == {"a": "1", "b": "2", "c": "3"}
+    assert added.count("},") == 2 and added.rstrip().endswith('"3" } }\n]')

@@ -1,0 +1,141 @@
+"""The pb_utils glue, with a fake triton_python_backend_utils and a fake image generator (no Triton, no torch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from diffusers_backend.errors import GenerationError
+from diffusers_backend.service import DiffusersService
+from diffusers_backend.settings import ModelSettings
+from diffusers_backend.triton_model import DiffusersTritonModel
+from diffusers_backend.validation import GenerationRequest, RequestLimits
+from triton_launcher.contract import TextToImage
+
+from .test_validation import SD15_TRAITS
+
+
+class FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class FakeRequest:
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.tensors = {name: FakeTensor(name, array) for name, array in arrays.items()}
+
+
+class FakeTritonError:
+    INVALID_ARG = "INVALID_ARG"
+    INTERNAL = "INTERNAL"
+
+    def __init__(self, message: str, code: str) -> None:
+        self.message, self.code = message, code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: FakeTritonError | None = None):
+        self.outputs = {tensor.name: tensor.array for tensor in output_tensors or []}
+        self.error = error
+
+
+@pytest.fixture
+def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = FakeTensor  # type: ignore[attr-defined]
+    module.TritonError = FakeTritonError  # type: ignore[attr-defined]
+    module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    yield module
+
+
+class RecordingGenerator:
+    """Paints each image with its request's seed, and records the groups it was called with."""
+
+    def __init__(self, fail_width: int | None = None) -> None:
+        self.calls: list[list[GenerationRequest]] = []
+        self.fail_width = fail_width
+
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]:
+        self.calls.append(list(group))
+        if group[0].width == self.fail_width:
+            raise GenerationError("out of memory")
+        return [np.full((r.height, r.width, 3), r.seed % 256, dtype=np.uint8) for r in group]
+
+
+MODEL_CONFIG = {
+    "input": [{"name": name} for name in ("PROMPT", "NEGATIVE_PROMPT", "WIDTH", "HEIGHT",
+                                           "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "SEED")],
+    "parameters": {"model_id": {"string_value": "org/model"}},
+}
+
+
+def initialized_model(monkeypatch: pytest.MonkeyPatch, generator: RecordingGenerator) -> DiffusersTritonModel:
+    loaded: dict[str, Any] = {}
+
+    def fake_load(settings: ModelSettings, placement: Any, model_directory: Any = None) -> DiffusersService:
+        loaded.update(settings=settings, placement=placement)
+        return DiffusersService(generator, RequestLimits.for_model(SD15_TRAITS, settings), settings.model_id)
+
+    monkeypatch.setattr(DiffusersService, "load", staticmethod(fake_load))
+    model = DiffusersTritonModel()
+    model.initialize({"model_name": "sd15", "model_config": json.dumps(MODEL_CONFIG),
+                      "model_instance_kind": "GPU", "model_instance_device_id": "1",
+                      "model_repository": "/models/sd15", "model_version": "1"})
+    assert loaded["placement"].torch_device == "cuda:1"
+    return model
+
+
+def request(**fields: Any) -> FakeRequest:
+    return FakeRequest(TextToImage(**fields).arrays())
+
+
+def test_execute_answers_each_request_in_order_when_batch_mixes_good_and_bad(
+    fake_pb_utils: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = RecordingGenerator()
+    model = initialized_model(monkeypatch, generator)
+    responses = model.execute([
+        request(prompt="a", width=64, height=32, seed=7),
+        request(prompt="", seed=8),
+        request(prompt="b", width=128, height=64, seed=9),
+        request(prompt="c", width=64, height=32, seed=10),
+    ])
+    assert [response.error is None for response in responses] == [True, False, True, True]
+    assert responses[1].error.code == FakeTritonError.INVALID_ARG
+    assert responses[1].error.message.startswith("PROMPT=''")
+    assert responses[0].outputs["IMAGE"].shape == (1, 32, 64, 3)
+    assert responses[2].outputs["IMAGE"].shape == (1, 64, 128, 3)
+    assert [int(r.outputs["SEED"][0, 0]) for r in (responses[0], responses[2], responses[3])] == [7, 9, 10]
+    assert responses[3].outputs["IMAGE"][0, 0, 0, 0] == 10
+    assert [[r.seed for r in call] for call in generator.calls] == [[7, 10], [9]]
+
+
+def test_execute_fails_only_the_failing_group_when_one_pipeline_call_raises(
+    fake_pb_utils: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = initialized_model(monkeypatch, RecordingGenerator(fail_width=128))
+    responses = model.execute([request(prompt="a", width=128, height=64), request(prompt="b", width=64, height=64)])
+    assert responses[0].error.code == FakeTritonError.INTERNAL
+    assert "out of memory" in responses[0].error.message
+    assert responses[1].error is None
+
+
+def test_initialize_names_the_model_when_a_parameter_is_unknown(
+    fake_pb_utils: types.ModuleType,
+) -> None:
+    config = dict(MODEL_CONFIG, parameters={"model_id": {"string_value": "m"}, "colour": {"string_value": "x"}})
+    model = DiffusersTritonModel()
+    with pytest.raises(RuntimeError, match=r"Triton model 'sd15' failed to load: .*\['colour'\] are unknown"):
+        model.initialize({"model_name": "sd15", "model_config": json.dumps(config), "model_instance_kind": "CPU",
+                          "model_instance_device_id": "0", "model_repository": "/models/sd15"})
