@@ -108,13 +108,12 @@ def inspect_pipeline(pipeline_folder: Path) -> PipelineTraits:
     denoiser_config = read_json(pipeline_folder / family.denoiser / "config.json")
     # Every diffusers pipeline derives its VAE factor this way (AutoencoderKL halves per extra block).
     vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    latent_patch = int(denoiser_config.get("patch_size", family.latent_patch)) if family is SD3 else family.latent_patch
+    latent_patch = family.latent_patch
+    if family is SD3:  # SD3 variants may patch differently; FLUX's packing is fixed by its pipeline
+        latent_patch = int(denoiser_config.get("patch_size", latent_patch))
     size_multiple = vae_scale_factor * latent_patch
 
-    if family is FLUX:
-        native_latent_side = _FLUX_DEFAULT_LATENT_SIDE
-    else:
-        native_latent_side = int(denoiser_config["sample_size"])
+    native_latent_side = _FLUX_DEFAULT_LATENT_SIDE if family is FLUX else int(denoiser_config["sample_size"])
     native_size = native_latent_side * vae_scale_factor
 
     max_side = None

@@ -82,13 +82,13 @@ class DiffusersService:
             except GenerationError as error:
                 logger.error("%s: generation failed for %d request(s): %s", self.model_id, len(group), error)
                 results: list[Outcome] = [error] * len(group)
-            except Exception as error:  # noqa: BLE001 - one failing call must not take the others down
+            except Exception as error:  # one failing call must not take the others down
                 logger.exception("%s: pipeline call failed for %d request(s)", self.model_id, len(group))
                 failure = GenerationError(f"the pipeline failed: {type(error).__name__}: {error}")
                 results = [failure] * len(group)
             else:
-                results = [GeneratedImage(image, request.seed) for image, request in zip(images, requests)]
-            for index, result in zip(group, results):
+                results = [GeneratedImage(image, request.seed) for image, request in zip(images, requests, strict=True)]
+            for index, result in zip(group, results, strict=True):
                 outcomes[positions[index]] = result
 
         logger.info(

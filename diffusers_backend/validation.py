@@ -102,39 +102,60 @@ def parse_request(
     seed_source: Callable[[], int] = draw_seed,
 ) -> GenerationRequest:
     """Check one request's tensors (name → array as Triton gives them) and fill in the defaults."""
+    prompt, negative_prompt = _prompts(tensors, limits)
+    width = _side(tensors, "WIDTH", limits.default_width, limits.max_width, limits)
+    height = _side(tensors, "HEIGHT", limits.default_height, limits.max_height, limits)
+    steps = _integer(tensors, "NUM_INFERENCE_STEPS", np.int32, limits.default_steps)
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidRequestError(
+            "NUM_INFERENCE_STEPS", steps, f"must be between 1 and {limits.max_steps} for this model"
+        )
+    seed = _optional_integer(tensors, "SEED", np.int64)
+    if seed is None:
+        seed = seed_source()
+    elif not 0 <= seed <= MAX_SEED:
+        raise InvalidRequestError("SEED", seed, f"must be between 0 and {MAX_SEED}")
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=_guidance_scale(tensors, limits),
+        seed=seed,
+    )
+
+
+def _prompts(tensors: Mapping[str, np.ndarray], limits: RequestLimits) -> tuple[str, str | None]:
     prompt = _text(tensors, "PROMPT", limits.max_prompt_bytes)
     if prompt is None:
         raise InvalidRequestError("PROMPT", MISSING, "it is required: send one UTF-8 string")
     if not prompt.strip():
         raise InvalidRequestError("PROMPT", prompt, "must contain visible text, not be empty or blank")
-
     negative_prompt = _text(tensors, "NEGATIVE_PROMPT", limits.max_prompt_bytes)
     if negative_prompt is not None and not negative_prompt.strip():
-        negative_prompt = None  # an empty negative prompt means "none", the same in every family
+        return prompt, None  # an empty negative prompt means "none", the same in every family
     if negative_prompt is not None and not limits.takes_negative_prompt:
         raise InvalidRequestError(
             "NEGATIVE_PROMPT", negative_prompt,
             f"this {limits.family_name} model has no classifier-free guidance to use it with; omit it "
             "(an operator can enable it with the config parameter true_cfg_scale > 1, at twice the cost)",
         )
+    return prompt, negative_prompt
 
-    width = _integer(tensors, "WIDTH", np.int32, limits.default_width)
-    height = _integer(tensors, "HEIGHT", np.int32, limits.default_height)
-    for field, value, maximum in (("WIDTH", width, limits.max_width), ("HEIGHT", height, limits.max_height)):
-        if value < 1 or value % limits.size_multiple:
-            raise InvalidRequestError(
-                field, value,
-                f"must be a positive multiple of {limits.size_multiple} for {limits.family_name} models",
-            )
-        if value > maximum:
-            raise InvalidRequestError(field, value, f"must be at most {maximum} pixels for this model")
 
-    steps = _integer(tensors, "NUM_INFERENCE_STEPS", np.int32, limits.default_steps)
-    if not 1 <= steps <= limits.max_steps:
+def _side(tensors: Mapping[str, np.ndarray], field: str, default: int, maximum: int, limits: RequestLimits) -> int:
+    value = _integer(tensors, field, np.int32, default)
+    if value < 1 or value % limits.size_multiple:
         raise InvalidRequestError(
-            "NUM_INFERENCE_STEPS", steps, f"must be between 1 and {limits.max_steps} for this model"
+            field, value, f"must be a positive multiple of {limits.size_multiple} for {limits.family_name} models"
         )
+    if value > maximum:
+        raise InvalidRequestError(field, value, f"must be at most {maximum} pixels for this model")
+    return value
 
+
+def _guidance_scale(tensors: Mapping[str, np.ndarray], limits: RequestLimits) -> float:
     guidance_scale = _number(tensors, "GUIDANCE_SCALE", np.float32, limits.default_guidance_scale)
     if not math.isfinite(guidance_scale):
         # diffusers would silently run without guidance on NaN: refuse instead.
@@ -149,22 +170,7 @@ def parse_request(
             f"this guidance-distilled {limits.family_name} model ignores guidance; omit it or send "
             f"{limits.default_guidance_scale}",
         )
-
-    seed = _optional_integer(tensors, "SEED", np.int64)
-    if seed is None:
-        seed = seed_source()
-    elif not 0 <= seed <= MAX_SEED:
-        raise InvalidRequestError("SEED", seed, f"must be between 0 and {MAX_SEED}")
-
-    return GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-    )
+    return guidance_scale
 
 
 def _single(tensors: Mapping[str, np.ndarray], field: str) -> np.ndarray | None:

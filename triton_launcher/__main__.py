@@ -21,7 +21,7 @@ from .server import DEFAULT_HTTP_PORT, ServerOptions, TritonServer
 logger = logging.getLogger("triton_launcher")
 
 
-class _StopRequested(Exception):
+class _StopRequestedError(Exception):
     def __init__(self, signal_number: int) -> None:
         super().__init__(signal.Signals(signal_number).name)
 
@@ -30,7 +30,7 @@ def _raise_stop(signal_number: int, _frame: FrameType | None) -> None:
     # A second Ctrl-C must not interrupt the orderly stop that the first one started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _StopRequested(signal_number)
+    raise _StopRequestedError(signal_number)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             code = server.process.wait()
             logger.error("tritonserver exited on its own with code %s", code)
             return 1
-    except _StopRequested as stop:
+    except _StopRequestedError as stop:
         logger.info("%s received: stopping tritonserver", stop)
         server.stop()
         return 0

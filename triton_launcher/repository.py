@@ -31,16 +31,14 @@ def with_parameters(config_text: str, changes: Mapping[str, str | None]) -> str:
     """``config_text`` with parameters set (a value) or removed (None); new keys are appended to the list."""
     lines = []
     remaining = dict(changes)
-    for line in config_text.splitlines():
-        match = _PARAMETER.match(line)
-        if match and match["key"] in remaining:
-            value = remaining.pop(match["key"])
-            if value is None:
-                continue
-            line = f'{match["indent"]}{{ key: "{match["key"]}" value: {{ string_value: "{value}" }} }},'
-        elif match:
-            line = line.rstrip().rstrip(",") + ","
-        lines.append(line)
+    for original in config_text.splitlines():
+        match = _PARAMETER.match(original)
+        if match is None:
+            lines.append(original)
+        elif match["key"] not in remaining:
+            lines.append(original.rstrip().rstrip(",") + ",")
+        elif (value := remaining.pop(match["key"])) is not None:
+            lines.append(f'{match["indent"]}{{ key: "{match["key"]}" value: {{ string_value: "{value}" }} }},')
     additions = [f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }},'
                  for key, value in remaining.items() if value is not None]
     closing = _closing_line_of_parameters(lines)

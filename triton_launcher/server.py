@@ -258,7 +258,7 @@ class TritonServer:
             return False
 
     def _ready_models(self) -> list[str]:
-        request = urllib.request.Request(self.url + "/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(self.url + "/v2/repository/index", data=b"{}", method="POST")  # noqa: S310
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback URL
             index = json.load(response)
         return sorted(entry["name"] for entry in index if entry.get("state") == "READY")

@@ -56,3 +56,27 @@ unpack_server_wheel(next(pathlib.Path(sys.argv[1]).glob("*.whl")))' "$download"
 
 bootstrap
 export PATH="$VENV/bin:$PATH"
+
+find_python310() {
+  local candidate
+  for candidate in "$(command -v python3.10 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
+    if [[ -x $candidate ]] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  return 1
+}
+
+bootstrap_py310() {
+  # Only what the torch-free modules and their tests import: the NGC image brings the rest.
+  local venv="$ROOT/.venv-py310" wanted
+  wanted=$(_wanted_stamp)
+  [[ -x $venv/bin/python && -f $venv/.bootstrap-stamp && $(cat "$venv/.bootstrap-stamp") == "$wanted" ]] && return 0
+  "$1" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    $("$PYTHON" -c 'import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+wanted = ("numpy", "pytest", "psutil")
+print(" ".join(d for d in project["dependencies"] + project["optional-dependencies"]["dev"] if d.split("=")[0] in wanted))' "$ROOT/pyproject.toml")
+  echo "$wanted" > "$venv/.bootstrap-stamp"
+}

@@ -41,7 +41,7 @@ def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_t
         results = [contract.read_result(handle.get_result()) for handle in pending][1:]
 
     assert executions_of_batch_size(generator, 4) == batches_of_four_before + 1
-    for request, result in zip(mixed, results):
+    for request, result in zip(mixed, results, strict=True):
         assert result.image.shape == (request.height, request.width, 3)
         assert result.seed == request.seed
     # Batched with another prompt, the same seed gives the image it gives alone, within one uint8 step.

@@ -41,12 +41,12 @@ def test_detect_family_ignores_the_name_when_it_suggests_another_family(tmp_path
 
 def test_detect_family_names_the_class_when_it_is_unsupported(tmp_path: Path) -> None:
     folder = write_pipeline_folder(tmp_path, "KandinskyPipeline")
-    with pytest.raises(ModelLoadError, match="KandinskyPipeline.*supported: FluxPipeline"):
+    with pytest.raises(ModelLoadError, match=r"KandinskyPipeline.*supported: FluxPipeline"):
         detect_family(folder)
 
 
 def test_detect_family_says_which_file_is_missing_when_folder_is_not_a_pipeline(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"model_index\.json is missing"):
         detect_family(tmp_path)
 
 

@@ -17,7 +17,8 @@ def test_tiny_config_changes_only_name_kind_and_weights_when_derived(model: str,
     tiny = tiny_config(real, model, tmp_path / "pipelines" / f"tiny-{model}", model_directory)
 
     assert f'name: "tiny-{model}"' in tiny
-    assert "KIND_GPU" not in tiny and "kind: KIND_CPU" in tiny
+    assert "KIND_GPU" not in tiny
+    assert "kind: KIND_CPU" in tiny
     real_parameters, tiny_parameters = read_parameters(real), read_parameters(tiny)
     assert tiny_parameters["model_id"] == f"tiny-{model}"
     assert tiny_parameters["model_source"] == f"../../pipelines/tiny-{model}"
@@ -35,4 +36,5 @@ def test_with_parameters_keeps_list_commas_valid_when_the_last_entry_is_removed(
     assert with_parameters(config, {"b": None}) == 'parameters [\n  { key: "a" value: { string_value: "1" } }\n]\n'
     added = with_parameters(config, {"c": "3"})
     assert read_parameters(added) == {"a": "1", "b": "2", "c": "3"}
-    assert added.count("},") == 2 and added.rstrip().endswith('"3" } }\n]')
+    assert added.count("},") == 2
+    assert added.rstrip().endswith('"3" } }\n]')

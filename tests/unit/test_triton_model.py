@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,14 +49,14 @@ class FakeResponse:
 
 
 @pytest.fixture
-def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     module.Tensor = FakeTensor  # type: ignore[attr-defined]
     module.TritonError = FakeTritonError  # type: ignore[attr-defined]
     module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
-    yield module
+    return module
 
 
 class RecordingGenerator:

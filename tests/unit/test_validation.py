@@ -89,7 +89,8 @@ def test_parse_request_refuses_when_prompt_is_missing() -> None:
 
 def test_parse_request_reports_the_bad_byte_when_prompt_is_not_utf8() -> None:
     arrays = {"PROMPT": np.array([[b"caf\xe9"]], dtype=np.object_)}
-    with pytest.raises(InvalidRequestError, match=r"PROMPT=b'caf\\xe9' is invalid: must be valid UTF-8 \(bad byte at offset 3\)"):
+    rule = r"PROMPT=b'caf\\xe9' is invalid: must be valid UTF-8 \(bad byte at offset 3\)"
+    with pytest.raises(InvalidRequestError, match=rule):
         parse_request(arrays, SD15_LIMITS)
 
 
@@ -119,7 +120,7 @@ def test_parse_request_names_the_type_when_a_tensor_has_the_wrong_datatype(
 
 
 def test_parse_request_refuses_negative_prompt_when_flux_has_no_true_cfg() -> None:
-    with pytest.raises(InvalidRequestError, match="NEGATIVE_PROMPT=.*true_cfg_scale > 1"):
+    with pytest.raises(InvalidRequestError, match=r"NEGATIVE_PROMPT=.*true_cfg_scale > 1"):
         parse_request(tensors(prompt="a", negative_prompt="blurry"), SCHNELL_LIMITS)
 
 
@@ -129,7 +130,7 @@ def test_parse_request_accepts_negative_prompt_when_flux_enables_true_cfg() -> N
 
 
 def test_parse_request_refuses_guidance_when_flux_is_guidance_distilled() -> None:
-    with pytest.raises(InvalidRequestError, match="GUIDANCE_SCALE=3.5 is invalid: .*ignores guidance"):
+    with pytest.raises(InvalidRequestError, match=r"GUIDANCE_SCALE=3\.5 is invalid: .*ignores guidance"):
         parse_request(tensors(prompt="a", guidance_scale=3.5), SCHNELL_LIMITS)
     assert parse_request(tensors(prompt="a", guidance_scale=0.0), SCHNELL_LIMITS).guidance_scale == 0.0
 

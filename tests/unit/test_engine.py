@@ -1,0 +1,99 @@
+"""The service with real tiny pipelines loaded in-process by the same code Triton runs (needs torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffusers_backend.engine import to_uint8_images  # noqa: E402
+from diffusers_backend.errors import GenerationError, InvalidRequestError, ModelLoadError  # noqa: E402
+from diffusers_backend.loading import Placement, resolve_pipeline_folder  # noqa: E402
+from diffusers_backend.service import DiffusersService, GeneratedImage  # noqa: E402
+from diffusers_backend.settings import ModelSettings  # noqa: E402
+from diffusers_backend.tiny import build_tiny_models  # noqa: E402
+from triton_launcher.contract import TextToImage  # noqa: E402
+from triton_launcher.paths import TINY_PIPELINES  # noqa: E402
+
+CPU = Placement("CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_folders() -> dict[str, Path]:
+    return build_tiny_models(TINY_PIPELINES)
+
+
+def load(folder: Path, **settings: Any) -> DiffusersService:
+    return DiffusersService.load(ModelSettings("tiny", model_source=str(folder), **settings), CPU)
+
+
+def arrays(**fields: Any) -> dict[str, np.ndarray]:
+    fields.setdefault("num_inference_steps", 2)
+    return TextToImage(**fields).arrays()
+
+
+def test_service_answers_a_mixed_batch_in_order_when_loaded_from_a_tiny_folder(tiny_folders: dict[str, Path]) -> None:
+    service = load(tiny_folders["sd15"])
+    outcomes = service.execute([
+        arrays(prompt="a", width=64, height=64, seed=1),
+        arrays(prompt="b", width=128, height=64, seed=2),
+        arrays(prompt="", seed=3),
+        arrays(prompt="c", width=64, height=64, seed=4),
+    ])
+    assert isinstance(outcomes[2], InvalidRequestError)
+    images = [outcome for outcome in outcomes if isinstance(outcome, GeneratedImage)]
+    assert [image.image.shape for image in images] == [(64, 64, 3), (64, 128, 3), (64, 64, 3)]
+    assert [image.seed for image in images] == [1, 2, 4]
+
+
+def test_service_matches_a_solo_call_within_one_step_when_batched(tiny_folders: dict[str, Path]) -> None:
+    service = load(tiny_folders["sdxl"])
+    request = arrays(prompt="a red cube", width=64, height=64, seed=9)
+    solo = service.execute([request])[0]
+    batched = service.execute([arrays(prompt="other", width=64, height=64, seed=1), request])[1]
+    assert isinstance(solo, GeneratedImage)
+    assert isinstance(batched, GeneratedImage)
+    assert np.abs(solo.image.astype(int) - batched.image.astype(int)).max() <= 1
+
+
+def test_flux_negative_prompt_changes_the_image_when_true_cfg_is_enabled(tiny_folders: dict[str, Path]) -> None:
+    service = load(tiny_folders["flux"], true_cfg_scale=4.0)
+    plain, negative = service.execute([
+        arrays(prompt="a red cube", width=64, height=64, seed=3),
+        arrays(prompt="a red cube", negative_prompt="blue", width=64, height=64, seed=3),
+    ])
+    assert isinstance(plain, GeneratedImage)
+    assert isinstance(negative, GeneratedImage)
+    assert not np.array_equal(plain.image, negative.image)
+
+
+def test_to_uint8_images_refuses_when_pixels_are_not_finite() -> None:
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(GenerationError, match="non-finite pixels"):
+        to_uint8_images(images)
+
+
+def test_to_uint8_images_rounds_like_diffusers_when_converting() -> None:
+    images = torch.tensor([0.0, 0.5, 1.0, 1.2]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
+    (image,) = to_uint8_images(images)
+    assert image.shape == (2, 2, 3)
+    assert image[..., 0].tolist() == [[0, 128], [255, 255]]
+
+
+def test_resolve_pipeline_folder_names_model_and_path_when_folder_is_not_a_pipeline(tmp_path: Path) -> None:
+    settings = ModelSettings("my-model", model_source="./missing")
+    with pytest.raises(ModelLoadError, match=r"model 'my-model': model_source './missing' resolves to .*missing"):
+        resolve_pipeline_folder(settings, tmp_path)
+
+
+def test_load_refuses_a_gpu_instance_when_torch_sees_no_cuda(tiny_folders: dict[str, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    settings = ModelSettings("tiny", model_source=str(tiny_folders["sd15"]))
+    with pytest.raises(ModelLoadError, match="instance kind GPU, but torch sees no CUDA device"):
+        DiffusersService.load(settings, Placement("GPU"))
