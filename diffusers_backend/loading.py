@@ -110,6 +110,7 @@ def load_pipeline(
     """Load the configured pipeline onto ``placement``'s device; return it with its traits."""
     import diffusers
     import torch
+    import transformers
 
     folder = resolve_pipeline_folder(settings, model_directory)
     traits = inspect_pipeline(folder)
@@ -124,8 +125,11 @@ def load_pipeline(
         "loading %s (%s) from %s as %s on %s",
         settings.model_id, traits.family.name, folder, dtype, placement.torch_device,
     )
+    # Load-time progress bars are noise in a server log; what is loaded is logged above.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        pipeline = pipeline_class.from_pretrained(folder, torch_dtype=dtype, variant=settings.variant)
+        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype, variant=settings.variant)
         pipeline.to(placement.torch_device)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(

@@ -1,0 +1,110 @@
+"""``scripts/bench``: start-up time of ``scripts/serve --tiny``, and one generation's latency per family through
+Triton and in-process, measured side by side in one run (these machines are shared and noisy: compare the
+ratio, not the absolute numbers across runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import contract
+from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
+from .server import ServerOptions, TritonServer, free_port
+
+
+def time_to_ready(repository: Path) -> float:
+    """Seconds from launching ``python -m triton_launcher --tiny`` (the models already built) to its READY line."""
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
+        command = [sys.executable, "-m", "triton_launcher", "--tiny", "--http-port", str(free_port()),
+                   "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", state_dir]
+        started = time.perf_counter()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as launcher:
+            assert launcher.stdout is not None
+            line = launcher.stdout.readline()
+            elapsed = time.perf_counter() - started
+            launcher.terminate()
+            launcher.wait(timeout=120)
+        if not line.startswith("READY"):
+            raise RuntimeError(f"scripts/serve --tiny did not print READY (got {line!r})")
+    return elapsed
+
+
+def timed_side_by_side(first: Callable[[], object], second: Callable[[], object],
+                       iterations: int) -> tuple[list[float], list[float]]:
+    """Alternate the two so that a burst of load on the machine hits both alike."""
+    first(), second()  # warm-up: first calls pay for lazy initialisation
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(iterations):
+        for function, sink in ((first, samples[0]), (second, samples[1])):
+            started = time.perf_counter()
+            function()
+            sink.append(time.perf_counter() - started)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--iterations", type=int, default=10, help="timed generations per family and path")
+    parser.add_argument("--startups", type=int, default=3, help="timed launches of scripts/serve --tiny")
+    parser.add_argument("--side", type=int, default=256, help="image width and height (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
+    arguments = parser.parse_args(argv)
+
+    from diffusers_backend.loading import Placement
+    from diffusers_backend.service import DiffusersService
+    from diffusers_backend.settings import ModelSettings
+    from diffusers_backend.tiny import build_tiny_models
+
+    from .paths import TINY_PIPELINES
+
+    repository = build_tiny_repository()
+    folders = build_tiny_models(TINY_PIPELINES)
+    print(f"# scripts/bench: {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}; {arguments.side}x{arguments.side}, {arguments.steps} steps, "
+          f"median of {arguments.iterations} after a warm-up\n")
+
+    startups = [time_to_ready(repository) for _ in range(arguments.startups)]
+    print(f"scripts/serve --tiny to READY (models cached): {', '.join(f'{s:.1f} s' for s in startups)} "
+          f"(median {statistics.median(startups):.1f} s)\n")
+
+    request = contract.TextToImage("a lighthouse on a cliff at dawn", width=arguments.side, height=arguments.side,
+                                   num_inference_steps=arguments.steps, seed=7)
+    print("| model | through Triton (HTTP) | in-process | Triton / in-process |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
+        options = ServerOptions(model_repository=repository, state_dir=Path(state_dir), http_port=free_port(),
+                                grpc_port=free_port(), metrics_port=free_port())
+        with TritonServer(options) as server, server.http_client() as client:
+            for family in FAMILY_MODELS:
+                model = TINY_PREFIX + family
+                service = DiffusersService.load(
+                    ModelSettings(model, model_source=str(folders[family])), Placement("CPU")
+                )
+                arrays = request.arrays()
+
+                def through_triton(model: str = model) -> object:
+                    return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                        headers=server.headers)
+
+                def in_process(service: DiffusersService = service, arrays: Any = arrays) -> object:
+                    return service.execute([arrays])
+
+                triton_samples, local_samples = timed_side_by_side(through_triton, in_process, arguments.iterations)
+                triton_median, local_median = statistics.median(triton_samples), statistics.median(local_samples)
+                print(f"| {model} | {triton_median * 1000:.0f} ms | {local_median * 1000:.0f} ms | "
+                      f"{triton_median / local_median:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
