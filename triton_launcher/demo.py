@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from . import contract
 from .errors import LauncherError
@@ -33,12 +34,19 @@ def positive_multiple_of_16(text: str) -> int:
     return value
 
 
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: must be a positive integer")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default: %(default)s)")
     parser.add_argument("--width", type=positive_multiple_of_16, default=256, help="default: %(default)s")
     parser.add_argument("--height", type=positive_multiple_of_16, default=256, help="default: %(default)s")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_integer, default=4, help="denoising steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         height, width, _ = generated.image.shape
                         print(f"{path}  {width}x{height}  seed {generated.seed}  "
                               f"{time.monotonic() - begun:.2f} s", flush=True)
-        except LauncherError as error:
+        except (LauncherError, InferenceServerException) as error:
             print(f"scripts/demo: {error}", file=sys.stderr)
             return 1
     print(f"wrote {len(FAMILY_MODELS)} images to {arguments.out.resolve()}")

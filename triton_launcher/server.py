@@ -68,20 +68,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return True
+    return False
+
+
+def server_ports(options: ServerOptions) -> dict[str, int]:
+    http_port = options.http_port
+    return {
+        "http": http_port,
+        "grpc": options.grpc_port if options.grpc_port is not None else http_port + 1,
+        "metrics": options.metrics_port if options.metrics_port is not None else http_port + 2,
+    }
+
+
 def server_arguments(options: ServerOptions, installation: TritonInstallation, infer_key: str) -> list[str]:
     """The full tritonserver command line. Hardening follows Triton's secure deployment guide."""
-    http_port = options.http_port
-    grpc_port = options.grpc_port if options.grpc_port is not None else http_port + 1
-    metrics_port = options.metrics_port if options.metrics_port is not None else http_port + 2
+    ports = server_ports(options)
     restricted = f"inference:{INFER_KEY_HEADER}={infer_key}"
     return [
         str(installation.executable),
         f"--model-repository={options.model_repository}",
         f"--backend-directory={installation.backend_directory}",
         # Every endpoint on loopback only; a reverse proxy or the capability layer faces the network.
-        f"--http-address={LOOPBACK}", f"--http-port={http_port}",
-        f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc_port}",
-        f"--metrics-address={LOOPBACK}", f"--metrics-port={metrics_port}",
+        f"--http-address={LOOPBACK}", f"--http-port={ports['http']}",
+        f"--grpc-address={LOOPBACK}", f"--grpc-port={ports['grpc']}",
+        f"--metrics-address={LOOPBACK}", f"--metrics-port={ports['metrics']}",
         # Inference needs the key; health and metadata stay open for probes.
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
@@ -154,6 +171,12 @@ class TritonServer:
 
     def start(self) -> None:
         installation = find_installation(self.options.executable)
+        # Fail before starting: otherwise readiness polls could reach whatever already listens there.
+        busy = {name: port for name, port in server_ports(self.options).items() if port_in_use(port)}
+        if busy:
+            described = ", ".join(f"{name} port {port}" for name, port in busy.items())
+            raise ServerStartError(f"{described} on {LOOPBACK} already in use (another server?); "
+                                   "choose others with --http-port/--grpc-port/--metrics-port")
         state_dir = self.options.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         state_dir.chmod(0o700)

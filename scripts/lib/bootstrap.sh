@@ -1,9 +1,10 @@
 # Sourced by the scripts in scripts/: creates .venv with the pinned dependencies of pyproject.toml and
 # unpacks tritonserver into it. Idempotent: when nothing changed since the last run it only checks a stamp.
+# TRITON_DIFFUSERS_VENV and TRITON_DIFFUSERS_PYTHON choose another virtualenv and base Python (scripts/test-py310).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-VENV="$ROOT/.venv"
+VENV="${TRITON_DIFFUSERS_VENV:-$ROOT/.venv}"
 PYTHON="$VENV/bin/python"
 STAMP="$VENV/.bootstrap-stamp"
 
@@ -11,6 +12,7 @@ _log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 _find_base_python() {
   # torch 2.13.0's CPU wheel lies on these machines for Python 3.11; the stub matches the venv's Python.
+  if [[ -n ${TRITON_DIFFUSERS_PYTHON:-} ]]; then echo "$TRITON_DIFFUSERS_PYTHON"; return 0; fi
   local candidate
   for candidate in python3.11 python3; do
     if command -v "$candidate" >/dev/null 2>&1 &&
@@ -34,14 +36,11 @@ bootstrap() {
     _log "creating $VENV"
     "$(_find_base_python)" -m venv "$VENV"
   fi
-  _log "installing pinned dependencies (pyproject.toml) into .venv"
+  _log "installing pinned dependencies (pyproject.toml) into $VENV"
   # Plain pip on purpose: it finds the local CPU build of torch 2.13.0; uv and poetry would fetch CUDA builds.
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
 
-  local wheel_spec; wheel_spec=$("$PYTHON" -c '
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print(tomllib.load(f)["tool"]["triton-diffusers"]["server"]["wheel"])' "$ROOT/pyproject.toml")
+  local wheel_spec; wheel_spec=$(sed -n 's/^wheel = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")
   _log "unpacking tritonserver from $wheel_spec"
   local download; download=$(mktemp -d)
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
@@ -54,18 +53,6 @@ unpack_server_wheel(next(pathlib.Path(sys.argv[1]).glob("*.whl")))' "$download"
   _log "done"
 }
 
-bootstrap
-export PATH="$VENV/bin:$PATH"
-
-find_python310() {
-  local candidate
-  for candidate in "$(command -v python3.10 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
-    if [[ -x $candidate ]] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2>/dev/null; then
-      echo "$candidate"; return 0
-    fi
-  done
-  return 1
-}
 
 bootstrap_py310() {
   # Only what the torch-free modules and their tests import: the NGC image brings the rest.
@@ -80,3 +67,6 @@ wanted = ("numpy", "pytest", "psutil")
 print(" ".join(d for d in project["dependencies"] + project["optional-dependencies"]["dev"] if d.split("=")[0] in wanted))' "$ROOT/pyproject.toml")
   echo "$wanted" > "$venv/.bootstrap-stamp"
 }
+
+bootstrap
+export PATH="$VENV/bin:$PATH"
