@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -120,6 +121,25 @@ def write_private_file(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` private (0700), or check that an existing one is ours and writable by us alone.
+
+    Whoever can write there could swap ``server.json``'s URL and have a client send the key elsewhere.
+    An existing directory is never chmod-ed: ``--state-dir /tmp`` must not change /tmp.
+    """
+    if not state_dir.exists():
+        state_dir.mkdir(mode=0o700, parents=True)
+        return
+    status = state_dir.stat()
+    if not stat.S_ISDIR(status.st_mode):
+        raise ServerStartError(f"state dir {state_dir} is not a directory")
+    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ServerStartError(
+            f"state dir {state_dir} (mode {stat.S_IMODE(status.st_mode):o}) must belong to this user and be "
+            "writable by it alone: others could replace server.json or the key; use a private directory"
+        )
+
+
 def _die_with_parent() -> None:
     # Runs in the child before exec: if the launcher dies without cleaning up (SIGKILL), the server gets
     # SIGTERM from the kernel and stops its stubs itself. Linux only; harmless elsewhere.
@@ -178,8 +198,7 @@ class TritonServer:
             raise ServerStartError(f"{described} on {LOOPBACK} already in use (another server?); "
                                    "choose others with --http-port/--grpc-port/--metrics-port")
         state_dir = self.options.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        state_dir.chmod(0o700)
+        prepare_state_dir(state_dir)
         (state_dir / SERVER_FILE).unlink(missing_ok=True)
         # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
         self.infer_key = secrets.token_urlsafe(32)

@@ -30,7 +30,8 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
     command = [sys.executable, "-m", "triton_launcher", "--model-repository", str(tiny_repository),
                "--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
                "--state-dir", str(state_dir), "--ready-timeout", "300"]
-    launcher_log = (tmp_path / "launcher.log").open("w")
+    launcher_log_path = tmp_path / "launcher.log"
+    launcher_log = launcher_log_path.open("w")
     with launcher_log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=launcher_log, text=True) as launcher:
         try:
             assert launcher.stdout is not None
@@ -42,7 +43,10 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
             description = json.loads((state_dir / SERVER_FILE).read_text())
             assert description["url"] == f"http://127.0.0.1:{port}"
             assert sorted(description["models"]) == sorted(TINY_MODELS)
-            assert key_file.read_text().strip() not in json.dumps(description)
+            key = key_file.read_text().strip()
+            assert key not in json.dumps(description)
+            assert key not in (state_dir / "tritonserver.log").read_text()
+            assert key not in launcher_log_path.read_text()
 
             server_process = psutil.Process(description["pid"])
             family = [server_process, *server_process.children(recursive=True)]

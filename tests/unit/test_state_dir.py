@@ -1,0 +1,40 @@
+"""The launcher's state dir: private when created, refused when others could write to it (no Triton)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from triton_launcher.errors import ServerStartError
+from triton_launcher.server import prepare_state_dir, write_private_file
+
+
+def test_prepare_state_dir_creates_it_private_when_missing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "a" / "state"
+    prepare_state_dir(state_dir)
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+
+
+def test_prepare_state_dir_refuses_and_leaves_mode_alone_when_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ServerStartError, match=r"mode 777\) must belong to this user and be writable by it alone"):
+        prepare_state_dir(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o777
+
+
+def test_prepare_state_dir_accepts_an_existing_private_dir_when_reused(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    prepare_state_dir(tmp_path)
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+def test_write_private_file_creates_mode_0600_when_writing_a_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "infer-key"
+    write_private_file(key_file, "secret\n")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key_file.read_text() == "secret\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["infer-key"]
