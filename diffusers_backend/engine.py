@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GenerationError
+from .errors import GenerationError, InvalidRequestError
 from .families import FLUX, SD3, PipelineTraits
 from .settings import ModelSettings
 from .validation import GenerationRequest
@@ -23,8 +23,12 @@ class DiffusionEngine:
         self.settings = settings
         self.max_sequence_length = settings.max_sequence_length or traits.max_sequence_length
 
-    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]:
-        """Images (uint8, [H, W, 3]) for requests that share size, steps, guidance and negative-prompt use."""
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]:
+        """Images (uint8, [H, W, 3]) for requests that share size, steps, guidance and negative-prompt use.
+
+        An image the pipeline's own safety checker flagged (SD1.5 weights ship one; it blacks the image out)
+        comes back as an error for that request instead of a black picture.
+        """
         first = group[0]
         if any(request.group_key != first.group_key for request in group):
             raise ValueError("generate() takes only requests with one group_key; split them with group_requests")
@@ -49,13 +53,20 @@ class DiffusionEngine:
             arguments["true_cfg_scale"] = self.settings.true_cfg_scale
         try:
             with torch.inference_mode():
-                images = self.pipeline(**arguments).images
+                output = self.pipeline(**arguments)
         except torch.cuda.OutOfMemoryError as error:
             raise GenerationError(
                 f"out of GPU memory generating {len(group)} image(s) of {first.width}x{first.height}; "
                 "retry smaller, or lower max_batch_size in config.pbtxt"
             ) from error
-        return to_uint8_images(images)
+        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(group)
+        return [
+            InvalidRequestError(
+                "PROMPT", request.prompt,
+                "the model's safety checker flagged the generated image, which is withheld; change the prompt",
+            ) if is_flagged else image
+            for image, request, is_flagged in zip(to_uint8_images(output.images), group, flagged, strict=True)
+        ]
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:

@@ -95,6 +95,31 @@ def _download_from_hub(settings: ModelSettings) -> Path:
     return Path(folder)
 
 
+class TruncatedPromptFilter(logging.Filter):
+    """diffusers logs the part of a prompt it truncates, verbatim, at WARNING: keep the fact, drop the text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "your input was truncated" in message:
+            record.msg = message.split(" tokens:")[0] + " tokens (the prompt text is not logged)"
+            record.args = ()
+        return True
+
+
+def quiet_library_logging() -> None:
+    """No prompt text and no progress bars from diffusers and transformers in a server's log."""
+    import diffusers.utils.logging
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # diffusers writes through a handler of its own and does not propagate to the root logger.
+    diffusers.utils.logging.get_logger("diffusers")  # creates that handler if there is none yet
+    for handler in logging.getLogger("diffusers").handlers:
+        if not any(isinstance(existing, TruncatedPromptFilter) for existing in handler.filters):
+            handler.addFilter(TruncatedPromptFilter())
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -104,16 +129,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(
-    settings: ModelSettings, placement: Placement, model_directory: Path | None = None
-) -> tuple[Any, PipelineTraits]:
-    """Load the configured pipeline onto ``placement``'s device; return it with its traits."""
+def locate_pipeline(settings: ModelSettings, model_directory: Path | None = None) -> tuple[Path, PipelineTraits]:
+    """The pipeline's local folder (fetched if need be) and its traits, before any weight is loaded."""
+    folder = resolve_pipeline_folder(settings, model_directory)
+    return folder, inspect_pipeline(folder)
+
+
+def load_pipeline(settings: ModelSettings, placement: Placement, folder: Path, traits: PipelineTraits) -> Any:
+    """Load the pipeline saved in ``folder`` onto ``placement``'s device."""
     import diffusers
     import torch
-    import transformers
 
-    folder = resolve_pipeline_folder(settings, model_directory)
-    traits = inspect_pipeline(folder)
     if placement.on_gpu and not torch.cuda.is_available():
         raise ModelLoadError(
             f"model {settings.model_id!r}: instance kind GPU, but torch sees no CUDA device; use "
@@ -125,9 +151,7 @@ def load_pipeline(
         "loading %s (%s) from %s as %s on %s",
         settings.model_id, traits.family.name, folder, dtype, placement.torch_device,
     )
-    # Load-time progress bars are noise in a server log; what is loaded is logged above.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    quiet_library_logging()
     try:
         pipeline = pipeline_class.from_pretrained(folder, dtype=dtype, variant=settings.variant)
         pipeline.to(placement.torch_device)
@@ -136,4 +160,4 @@ def load_pipeline(
             f"model {settings.model_id!r}: loading {traits.family.pipeline_class} from {folder} failed: {error}"
         ) from error
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline, traits
+    return pipeline

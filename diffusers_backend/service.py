@@ -17,7 +17,6 @@ import numpy as np
 
 from .batching import group_requests
 from .errors import DiffusersBackendError, GenerationError, InvalidRequestError
-from .families import PipelineTraits
 from .settings import ModelSettings
 from .validation import GenerationRequest, RequestLimits, parse_request
 
@@ -36,7 +35,7 @@ Outcome = GeneratedImage | DiffusersBackendError
 
 
 class ImageGenerator(Protocol):
-    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]: ...
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]: ...
 
 
 class DiffusersService:
@@ -48,17 +47,13 @@ class DiffusersService:
     @classmethod
     def load(cls, settings: ModelSettings, placement: Any, model_directory: Path | None = None) -> DiffusersService:
         """Load the configured pipeline onto ``placement`` (a :class:`.loading.Placement`)."""
-        from .loading import load_pipeline
-
-        pipeline, traits = load_pipeline(settings, placement, model_directory)
-        return cls.from_pipeline(pipeline, traits, settings)
-
-    @classmethod
-    def from_pipeline(cls, pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> DiffusersService:
         from .engine import DiffusionEngine
+        from .loading import load_pipeline, locate_pipeline
 
-        return cls(DiffusionEngine(pipeline, traits, settings), RequestLimits.for_model(traits, settings),
-                   settings.model_id)
+        folder, traits = locate_pipeline(settings, model_directory)
+        limits = RequestLimits.for_model(traits, settings)  # a bad setting fails here, before minutes of loading
+        pipeline = load_pipeline(settings, placement, folder, traits)
+        return cls(DiffusionEngine(pipeline, traits, settings), limits, settings.model_id)
 
     def execute(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Outcome]:
         """One outcome per request of ``batch`` (input name → array), in order."""
@@ -87,7 +82,8 @@ class DiffusersService:
                 failure = GenerationError(f"the pipeline failed: {type(error).__name__}: {error}")
                 results = [failure] * len(group)
             else:
-                results = [GeneratedImage(image, request.seed) for image, request in zip(images, requests, strict=True)]
+                results = [image if isinstance(image, InvalidRequestError) else GeneratedImage(image, request.seed)
+                           for image, request in zip(images, requests, strict=True)]
             for index, result in zip(group, results, strict=True):
                 outcomes[positions[index]] = result
 

@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ModelConfigError
 
 TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+MAX_T5_SEQUENCE_LENGTH = 512
+"""diffusers' SD3 and FLUX pipelines refuse a longer max_sequence_length (their check_inputs)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class ModelSettings:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ModelConfigError(f"parameter {key}={value} is invalid: must be a finite number >= 0")
+        if self.max_sequence_length is not None and self.max_sequence_length > MAX_T5_SEQUENCE_LENGTH:
+            raise ModelConfigError(
+                f"parameter max_sequence_length={self.max_sequence_length} is invalid: the SD3 and FLUX "
+                f"pipelines take at most {MAX_T5_SEQUENCE_LENGTH} T5 tokens"
+            )
         if not (math.isfinite(self.true_cfg_scale) and self.true_cfg_scale >= 1):
             raise ModelConfigError(
                 f"parameter true_cfg_scale={self.true_cfg_scale} is invalid: must be a finite number >= 1"

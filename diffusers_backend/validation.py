@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MISSING, InvalidRequestError, Shown
+from .errors import MISSING, InvalidRequestError, ModelConfigError, Shown
 from .families import PipelineTraits
 from .settings import ModelSettings
 
@@ -62,6 +62,8 @@ class RequestLimits:
     max_guidance_scale: float
     uses_guidance_scale: bool
     takes_negative_prompt: bool
+    negative_prompt_needs_guidance: bool
+    """SD1.5/SDXL/SD3 use the negative prompt only through classifier-free guidance (guidance > 1)."""
     max_prompt_bytes: int
 
     @classmethod
@@ -75,7 +77,7 @@ class RequestLimits:
         if settings.default_guidance_scale is not None:
             default_guidance = settings.default_guidance_scale
         takes_negative = traits.family.takes_negative_prompt or settings.true_cfg_scale > 1
-        return cls(
+        limits = cls(
             family_name=traits.family.name,
             size_multiple=traits.size_multiple,
             default_width=default_width,
@@ -88,8 +90,21 @@ class RequestLimits:
             max_guidance_scale=settings.max_guidance_scale,
             uses_guidance_scale=traits.uses_guidance_scale,
             takes_negative_prompt=takes_negative,
+            negative_prompt_needs_guidance=traits.family.takes_negative_prompt,
             max_prompt_bytes=settings.max_prompt_bytes,
         )
+        limits.check_defaults()
+        return limits
+
+    def check_defaults(self) -> None:
+        """Defaults must pass the rules requests are held to: else every request that relies on them fails."""
+        for key, value, maximum in (("default_width", self.default_width, self.max_width),
+                                    ("default_height", self.default_height, self.max_height)):
+            if value % self.size_multiple or value > maximum:
+                raise ModelConfigError(
+                    f"{key}={value} is invalid for this {self.family_name} pipeline: must be a multiple of "
+                    f"{self.size_multiple} and at most {maximum} (set {key}, or raise max_width/max_height)"
+                )
 
 
 def draw_seed() -> int:
@@ -102,7 +117,8 @@ def parse_request(
     seed_source: Callable[[], int] = draw_seed,
 ) -> GenerationRequest:
     """Check one request's tensors (name → array as Triton gives them) and fill in the defaults."""
-    prompt, negative_prompt = _prompts(tensors, limits)
+    guidance_scale = _guidance_scale(tensors, limits)
+    prompt, negative_prompt = _prompts(tensors, limits, guidance_scale)
     width = _side(tensors, "WIDTH", limits.default_width, limits.max_width, limits)
     height = _side(tensors, "HEIGHT", limits.default_height, limits.max_height, limits)
     steps = _integer(tensors, "NUM_INFERENCE_STEPS", np.int32, limits.default_steps)
@@ -121,12 +137,14 @@ def parse_request(
         width=width,
         height=height,
         steps=steps,
-        guidance_scale=_guidance_scale(tensors, limits),
+        guidance_scale=guidance_scale,
         seed=seed,
     )
 
 
-def _prompts(tensors: Mapping[str, np.ndarray], limits: RequestLimits) -> tuple[str, str | None]:
+def _prompts(
+    tensors: Mapping[str, np.ndarray], limits: RequestLimits, guidance_scale: float
+) -> tuple[str, str | None]:
     prompt = _text(tensors, "PROMPT", limits.max_prompt_bytes)
     if prompt is None:
         raise InvalidRequestError("PROMPT", MISSING, "it is required: send one UTF-8 string")
@@ -140,6 +158,12 @@ def _prompts(tensors: Mapping[str, np.ndarray], limits: RequestLimits) -> tuple[
             "NEGATIVE_PROMPT", negative_prompt,
             f"this {limits.family_name} model has no classifier-free guidance to use it with; omit it "
             "(an operator can enable it with the config parameter true_cfg_scale > 1, at twice the cost)",
+        )
+    if negative_prompt is not None and limits.negative_prompt_needs_guidance and guidance_scale <= 1:
+        # The pipelines skip classifier-free guidance, and with it the negative prompt, at guidance <= 1.
+        raise InvalidRequestError(
+            "NEGATIVE_PROMPT", negative_prompt,
+            f"has no effect at GUIDANCE_SCALE={guidance_scale:g}; send guidance above 1 with it, or omit it",
         )
     return prompt, negative_prompt
 

@@ -19,14 +19,15 @@ from typing import Any
 
 from . import contract
 from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import ServerOptions, TritonServer, free_port
+from .server import TritonServer, free_ports, loopback_options
 
 
 def time_to_ready(repository: Path) -> float:
     """Seconds from launching ``python -m triton_launcher --tiny`` (the models already built) to its READY line."""
     with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
-        command = [sys.executable, "-m", "triton_launcher", "--tiny", "--http-port", str(free_port()),
-                   "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", state_dir]
+        http_port, grpc_port, metrics_port = free_ports(3)
+        command = [sys.executable, "-m", "triton_launcher", "--tiny", "--http-port", str(http_port),
+                   "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--state-dir", state_dir]
         started = time.perf_counter()
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as launcher:
             assert launcher.stdout is not None
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | through Triton (HTTP) | in-process | Triton / in-process |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
-        options = ServerOptions(model_repository=repository, state_dir=Path(state_dir), http_port=free_port(),
-                                grpc_port=free_port(), metrics_port=free_port())
+        options = loopback_options(repository, Path(state_dir))
         with TritonServer(options) as server, server.http_client() as client:
             for family in FAMILY_MODELS:
                 model = TINY_PREFIX + family

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from . import contract
 from .errors import LauncherError
 from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import ServerOptions, TritonServer, free_port
+from .server import TritonServer, loopback_options
 
 logger = logging.getLogger("triton_launcher.demo")
 
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     repository = build_tiny_repository()
     arguments.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="triton-demo-") as state_dir:
-        options = ServerOptions(model_repository=repository, state_dir=Path(state_dir), http_port=free_port(),
-                                grpc_port=free_port(), metrics_port=free_port())
+        options = loopback_options(repository, Path(state_dir))
         try:
             with TritonServer(options) as server:
                 logger.info("server ready at %s after %.1f s", server.url, time.monotonic() - started)

@@ -22,6 +22,8 @@ INFER_KEY_FILE = "infer-key"
 SERVER_FILE = "server.json"
 """File in the state dir describing the running server: its URLs, pid and models (never the key)."""
 LOG_FILE = "tritonserver.log"
+STATE_LOCK_FILE = "lock"
+"""Held (flock) by the launcher while its server runs: one server per state dir."""
 
 INFER_KEY_HEADER = "infer-key"
 """HTTP header (and gRPC metadata key) that carries the inference key: Triton's restricted-API setting."""

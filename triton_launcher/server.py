@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,12 +32,16 @@ from typing import IO, Any
 from . import contract
 from .errors import ServerStartError
 from .installation import TritonInstallation, find_installation
-from .paths import INFER_KEY_FILE, INFER_KEY_HEADER, LOG_FILE, SERVER_FILE, STATE_DIR
+from .paths import INFER_KEY_FILE, INFER_KEY_HEADER, LOG_FILE, SERVER_FILE, STATE_DIR, STATE_LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
+RESTRICTED_API_GROUPS = (
+    "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace", "logging",
+)
+"""Triton API groups that need the key: all but ``health`` and ``metadata``, which probes and clients use."""
 PROBE_SIDE = 64
 """Side of the readiness probe's image: a multiple of every family's size multiple, cheap on any device."""
 _LOG_TAIL_LINES = 40
@@ -62,11 +68,29 @@ class ServerOptions:
     extra_args: tuple[str, ...] = field(default=())
 
 
+# Loopback requests must not go through an http_proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (another process may take it before we do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on the loopback interface now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:  # all bound at once, so the kernel cannot hand out one port twice
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def loopback_options(model_repository: Path, state_dir: Path, **options: Any) -> ServerOptions:
+    """Options for a server on three free loopback ports (tests, demo, benchmarks)."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    return ServerOptions(model_repository=model_repository, state_dir=state_dir, http_port=http_port,
+                         grpc_port=grpc_port, metrics_port=metrics_port, **options)
 
 
 def port_in_use(port: int) -> bool:
@@ -91,7 +115,7 @@ def server_ports(options: ServerOptions) -> dict[str, int]:
 def server_arguments(options: ServerOptions, installation: TritonInstallation, infer_key: str) -> list[str]:
     """The full tritonserver command line. Hardening follows Triton's secure deployment guide."""
     ports = server_ports(options)
-    restricted = f"inference:{INFER_KEY_HEADER}={infer_key}"
+    restricted = f"{','.join(RESTRICTED_API_GROUPS)}:{INFER_KEY_HEADER}={infer_key}"
     return [
         str(installation.executable),
         f"--model-repository={options.model_repository}",
@@ -100,7 +124,7 @@ def server_arguments(options: ServerOptions, installation: TritonInstallation, i
         f"--http-address={LOOPBACK}", f"--http-port={ports['http']}",
         f"--grpc-address={LOOPBACK}", f"--grpc-port={ports['grpc']}",
         f"--metrics-address={LOOPBACK}", f"--metrics-port={ports['metrics']}",
-        # Inference needs the key; health and metadata stay open for probes.
+        # Everything but health and metadata needs the key (Triton's API groups).
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
         "--model-control-mode=none",
@@ -140,12 +164,19 @@ def prepare_state_dir(state_dir: Path) -> None:
         )
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the launcher dies without cleaning up (SIGKILL), the server gets
-    # SIGTERM from the kernel and stops its stubs itself. Linux only; harmless elsewhere.
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks the kernel to SIGTERM the child when its parent dies (Linux prctl).
+
+    If the launcher dies without cleaning up (SIGKILL), the server then stops its stubs itself. ``prctl`` is
+    looked up here, in the parent: the child between fork and exec may only make the plain call. The signal
+    fires when the *thread* that started the child ends, so start servers from a long-lived thread.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class TritonServer:
@@ -157,6 +188,7 @@ class TritonServer:
         self.infer_key = ""
         self.models: list[str] = []
         self._log_handle: IO[bytes] | None = None
+        self._state_lock: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -190,6 +222,9 @@ class TritonServer:
         return server_arguments(self.options, find_installation(self.options.executable), "<infer-key>")
 
     def start(self) -> None:
+        state_dir = self.options.state_dir
+        prepare_state_dir(state_dir)
+        self._lock_state_dir()
         installation = find_installation(self.options.executable)
         # Fail before starting: otherwise readiness polls could reach whatever already listens there.
         busy = {name: port for name, port in server_ports(self.options).items() if port_in_use(port)}
@@ -197,8 +232,6 @@ class TritonServer:
             described = ", ".join(f"{name} port {port}" for name, port in busy.items())
             raise ServerStartError(f"{described} on {LOOPBACK} already in use (another server?); "
                                    "choose others with --http-port/--grpc-port/--metrics-port")
-        state_dir = self.options.state_dir
-        prepare_state_dir(state_dir)
         (state_dir / SERVER_FILE).unlink(missing_ok=True)
         # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
         self.infer_key = secrets.token_urlsafe(32)
@@ -221,8 +254,21 @@ class TritonServer:
             # Its own process group: stopping it reaches the Python stubs it spawned, and a Ctrl-C in the
             # launcher's terminal reaches the launcher only, which then stops the server in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+            preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - only calls prctl
         )
+
+    def _lock_state_dir(self) -> None:
+        """Hold the state dir for this server's life: a second server there would overwrite its key."""
+        lock = open(self.options.state_dir / STATE_LOCK_FILE, "ab")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ServerStartError(
+                f"state dir {self.options.state_dir} belongs to another running server; give this one its own "
+                "(--state-dir)"
+            ) from None
+        self._state_lock = lock
 
     def wait_until_ready(self) -> None:
         """Block until every model is ready and has answered a real inference, or raise ServerStartError."""
@@ -282,7 +328,10 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             self.process = None
-        (self.options.state_dir / SERVER_FILE).unlink(missing_ok=True)
+        if self._state_lock is not None:  # only the server that holds the state dir may clear it
+            (self.options.state_dir / SERVER_FILE).unlink(missing_ok=True)
+            self._state_lock.close()
+            self._state_lock = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -294,14 +343,16 @@ class TritonServer:
 
     def _http_ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:  # noqa: S310 - loopback URL
+            with _DIRECT.open(self.url + path, timeout=5) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 
     def _ready_models(self) -> list[str]:
-        request = urllib.request.Request(self.url + "/v2/repository/index", data=b"{}", method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback URL
+        request = urllib.request.Request(  # noqa: S310 - our own loopback URL
+            self.url + "/v2/repository/index", data=b"{}", method="POST", headers=self.headers
+        )
+        with _DIRECT.open(request, timeout=10) as response:
             index = json.load(response)
         return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
 

@@ -10,7 +10,7 @@ import pytest
 
 from triton_launcher import contract
 from triton_launcher.repository import build_tiny_repository
-from triton_launcher.server import ServerOptions, TritonServer, free_port
+from triton_launcher.server import ServerOptions, TritonServer, loopback_options
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 TINY_MODELS = tuple(f"tiny-{family}" for family in FAMILIES)
@@ -30,8 +30,7 @@ def tiny_repository() -> Path:
 
 
 def tiny_server_options(repository: Path, state_dir: Path) -> ServerOptions:
-    return ServerOptions(model_repository=repository, state_dir=state_dir, http_port=free_port(),
-                         grpc_port=free_port(), metrics_port=free_port(), ready_timeout_s=300)
+    return loopback_options(repository, state_dir, ready_timeout_s=300)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ MODEL = "tiny-sd15"
 
 
 def executions_of_batch_size(generator: Generator, batch_size: int) -> int:
-    statistics = generator.client.get_inference_statistics(MODEL)["model_stats"][0]
+    statistics = generator.client.get_inference_statistics(MODEL, headers=generator.server.headers)["model_stats"][0]
     counts = [entry["compute_infer"]["count"] for entry in statistics.get("batch_stats", [])
               if entry["batch_size"] == batch_size]
     return int(sum(counts))

@@ -109,7 +109,27 @@ def test_inference_is_refused_with_403_when_the_infer_key_is_missing_or_wrong(
     assert "infer-key" in caught.value.message()
 
 
-def test_health_stays_open_when_no_key_is_sent(tiny_server: TritonServer) -> None:
+def test_health_and_metadata_stay_open_when_no_key_is_sent(tiny_server: TritonServer) -> None:
     with tiny_server.http_client() as client:
         assert client.is_server_ready()
         assert all(client.is_model_ready(model) for model in TINY_MODELS)
+        assert client.get_model_metadata("tiny-sd15")["name"] == "tiny-sd15"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda client: client.get_model_config("tiny-sd15"),
+        lambda client: client.get_inference_statistics("tiny-sd15"),
+        lambda client: client.get_model_repository_index(),
+        lambda client: client.update_log_settings({"log_verbose_level": 1}),
+        lambda client: client.get_system_shared_memory_status(),
+    ],
+    ids=["model-config", "statistics", "model-repository", "logging", "shared-memory"],
+)
+def test_other_apis_are_refused_with_403_when_no_key_is_sent(tiny_server: TritonServer, call: Any) -> None:
+    with tiny_server.http_client() as client, pytest.raises(InferenceServerException) as caught:
+        call(client)
+    assert caught.value.status() == "403"
+    with tiny_server.http_client() as client:
+        assert client.get_model_config("tiny-sd15", headers=tiny_server.headers)["name"] == "tiny-sd15"

@@ -61,3 +61,16 @@ def test_defaults_come_from_the_pipeline_when_options_are_omitted(generator: Gen
     generated = generator.generate(model, width=None, height=None, num_inference_steps=1)
     native = 1024 if model == "tiny-flux" else 256  # FluxPipeline's fixed default; UNet/SD3 sample_size x 8
     assert generated.image.shape == (native, native, 3)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_prompt_text_stays_out_of_the_server_log_when_the_model_truncates_it(
+    generator: Generator, model: str
+) -> None:
+    # The tiny CLIP tokenizer has one token per character: this is far over its 77 tokens.
+    generator.generate(model, prompt="a zebra " + "quokka " * 40, num_inference_steps=1)
+    log_path = generator.server.log_path
+    assert log_path is not None
+    log = log_path.read_text(errors="replace")
+    assert "was truncated" in log
+    assert "quokka" not in log

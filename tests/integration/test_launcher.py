@@ -17,7 +17,7 @@ import pytest
 from triton_launcher.errors import ServerStartError
 from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.repository import with_parameters
-from triton_launcher.server import TritonServer, free_port
+from triton_launcher.server import TritonServer, free_ports
 
 from .conftest import TINY_MODELS, tiny_server_options
 
@@ -26,9 +26,9 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
     tiny_repository: Path, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
-    port = free_port()
+    port, grpc_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "triton_launcher", "--model-repository", str(tiny_repository),
-               "--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                "--state-dir", str(state_dir), "--ready-timeout", "300"]
     launcher_log_path = tmp_path / "launcher.log"
     launcher_log = launcher_log_path.open("w")

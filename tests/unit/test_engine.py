@@ -10,8 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from diffusers_backend.engine import to_uint8_images  # noqa: E402
+from diffusers_backend.engine import DiffusionEngine, to_uint8_images  # noqa: E402
 from diffusers_backend.errors import GenerationError, InvalidRequestError, ModelLoadError  # noqa: E402
+from diffusers_backend.families import inspect_pipeline  # noqa: E402
 from diffusers_backend.loading import Placement, resolve_pipeline_folder  # noqa: E402
 from diffusers_backend.service import DiffusersService, GeneratedImage  # noqa: E402
 from diffusers_backend.settings import ModelSettings  # noqa: E402
@@ -97,3 +98,23 @@ def test_load_refuses_a_gpu_instance_when_torch_sees_no_cuda(tiny_folders: dict[
     settings = ModelSettings("tiny", model_source=str(tiny_folders["sd15"]))
     with pytest.raises(ModelLoadError, match="instance kind GPU, but torch sees no CUDA device"):
         DiffusersService.load(settings, Placement("GPU"))
+
+
+class FlaggingPipeline:
+    """Stands in for a pipeline whose safety checker flags the second image of a call."""
+
+    def __call__(self, **arguments: Any) -> Any:
+        count = len(arguments["prompt"])
+        images = torch.full((count, 3, arguments["height"], arguments["width"]), 0.5)
+        return type("Output", (), {"images": images, "nsfw_content_detected": [False, True][:count]})()
+
+
+def test_engine_refuses_the_flagged_request_alone_when_the_safety_checker_flags_an_image(
+    tiny_folders: dict[str, Path],
+) -> None:
+    engine = DiffusionEngine(FlaggingPipeline(), inspect_pipeline(tiny_folders["sd15"]), ModelSettings("sd15"))
+    service = DiffusersService(engine, load(tiny_folders["sd15"]).limits, "sd15")
+    passed, flagged = service.execute([arrays(prompt=prompt, width=64, height=64) for prompt in ("a", "b")])
+    assert isinstance(passed, GeneratedImage)
+    assert isinstance(flagged, InvalidRequestError)
+    assert "safety checker flagged" in str(flagged)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import stat
 from pathlib import Path
 
 import pytest
 
 from triton_launcher.errors import ServerStartError
-from triton_launcher.server import prepare_state_dir, write_private_file
+from triton_launcher.paths import SERVER_FILE, STATE_LOCK_FILE
+from triton_launcher.server import ServerOptions, TritonServer, prepare_state_dir, write_private_file
 
 
 def test_prepare_state_dir_creates_it_private_when_missing(tmp_path: Path) -> None:
@@ -38,3 +40,14 @@ def test_write_private_file_creates_mode_0600_when_writing_a_key(tmp_path: Path)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert key_file.read_text() == "secret\n"
     assert [path.name for path in tmp_path.iterdir()] == ["infer-key"]
+
+
+def test_server_refuses_a_state_dir_and_leaves_its_files_when_another_server_holds_it(tmp_path: Path) -> None:
+    (tmp_path / SERVER_FILE).write_text("{}")
+    with (tmp_path / STATE_LOCK_FILE).open("ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ServerStartError, match="belongs to another running server"), TritonServer(
+            ServerOptions(model_repository=tmp_path, state_dir=tmp_path)
+        ):
+            pass
+    assert (tmp_path / SERVER_FILE).read_text() == "{}"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from diffusers_backend.errors import GenerationError
+from diffusers_backend.errors import GenerationError, InvalidRequestError
 from diffusers_backend.service import DiffusersService
 from diffusers_backend.settings import ModelSettings
 from diffusers_backend.triton_model import DiffusersTritonModel
@@ -66,7 +66,7 @@ class RecordingGenerator:
         self.calls: list[list[GenerationRequest]] = []
         self.fail_width = fail_width
 
-    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray]:
+    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]:
         self.calls.append(list(group))
         if group[0].width == self.fail_width:
             raise GenerationError("out of memory")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from diffusers_backend.errors import InvalidRequestError
+from diffusers_backend.errors import InvalidRequestError, ModelConfigError
 from diffusers_backend.families import FLUX, SD15, PipelineTraits
 from diffusers_backend.settings import ModelSettings
 from diffusers_backend.validation import MAX_DRAWN_SEED, MAX_SEED, RequestLimits, parse_request
@@ -157,3 +157,23 @@ def test_error_message_shortens_the_value_when_it_is_a_long_prompt() -> None:
     error = InvalidRequestError("PROMPT", "secret " * 100, "rule")
     assert len(str(error)) < 120
     assert "(702 chars)" in str(error)
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
+def test_parse_request_refuses_negative_prompt_when_guidance_is_too_low_to_use_it(guidance_scale: float) -> None:
+    with pytest.raises(InvalidRequestError, match=r"NEGATIVE_PROMPT='blurry' is invalid: has no effect at GUIDANCE"):
+        parse_request(tensors(prompt="a", negative_prompt="blurry", guidance_scale=guidance_scale), SD15_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (ModelSettings("sd15", default_width=500), r"default_width=500 is invalid for this sd15 pipeline"),
+        (ModelSettings("sd15", max_height=500), r"default_height=500 is invalid .* raise max_width/max_height"),
+    ],
+)
+def test_request_limits_refuse_defaults_that_requests_could_not_use_when_model_loads(
+    settings: ModelSettings, message: str
+) -> None:
+    with pytest.raises(ModelConfigError, match=message):
+        RequestLimits.for_model(SD15_TRAITS, settings)
