@@ -140,7 +140,8 @@ _FLOW_VAE_OVERRIDES: dict[str, Any] = {
     "use_post_quant_conv": False,
 }
 
-_SD15_UNET_CONFIG: dict[str, Any] = {
+# Both UNets share the layout: two levels, cross-attention on the lower one, 32 latent pixels (256 px).
+_UNET_LAYOUT: dict[str, Any] = {
     "sample_size": 32,
     "in_channels": 4,
     "out_channels": 4,
@@ -148,21 +149,19 @@ _SD15_UNET_CONFIG: dict[str, Any] = {
     "block_out_channels": (16, 32),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
+
+_SD15_UNET_CONFIG: dict[str, Any] = {
+    **_UNET_LAYOUT,
     "cross_attention_dim": _CLIP_TEXT_CONFIG["hidden_size"],
     # Legacy name: this is the number of heads, not their width.
     "attention_head_dim": 4,
-    "norm_num_groups": 8,
 }
 
 _SDXL_ADDITION_TIME_EMBED_DIM = 8
 _SDXL_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 1,
-    "block_out_channels": (16, 32),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    **_UNET_LAYOUT,
     "attention_head_dim": (2, 4),
     "use_linear_projection": True,
     "transformer_layers_per_block": (1, 1),
@@ -173,7 +172,6 @@ _SDXL_UNET_CONFIG: dict[str, Any] = {
     # Six size/crop ids, each embedded, plus the second encoder's projection.
     "projection_class_embeddings_input_dim": 6 * _SDXL_ADDITION_TIME_EMBED_DIM
     + _CLIP_TEXT_CONFIG["projection_dim"],
-    "norm_num_groups": 8,
 }
 
 _SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
