@@ -63,7 +63,7 @@ bootstrap_py310() {
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     $("$PYTHON" -c 'import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-wanted = ("numpy", "pytest", "psutil")
+wanted = ("numpy", "pytest", "psutil", "pillow")
 print(" ".join(d for d in project["dependencies"] + project["optional-dependencies"]["dev"] if d.split("=")[0] in wanted))' "$ROOT/pyproject.toml")
   echo "$wanted" > "$venv/.bootstrap-stamp"
 }

@@ -1,0 +1,27 @@
+"""Capability-based access to text-to-image generation on Triton: mint, delegate, give, revoke, textToImage.
+
+Light by design: no torch or diffusers, so host applications can embed it. See README.md ("Capabilities").
+"""
+
+from .capabilities import GENERATE, MINT, Capabilities, Capability, GenerateParams
+from .errors import (
+    CapabilityError,
+    ConcurrencyLimitError,
+    DeniedError,
+    GenerationError,
+    InvalidOptionError,
+    InvalidParamsError,
+    ModelNotServedError,
+    ServerError,
+    ServerUnavailableError,
+    StoreError,
+    UnknownServerError,
+)
+from .layer import CapabilityHandle, CapabilityLayer
+
+__all__ = [
+    "GENERATE", "MINT", "Capabilities", "Capability", "CapabilityError", "CapabilityHandle", "CapabilityLayer",
+    "ConcurrencyLimitError", "DeniedError", "GenerateParams", "GenerationError", "InvalidOptionError",
+    "InvalidParamsError", "ModelNotServedError", "ServerError", "ServerUnavailableError", "StoreError",
+    "UnknownServerError",
+]

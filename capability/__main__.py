@@ -1,0 +1,226 @@
+"""``python -m capability``: the capability layer from the command line.
+
+Every subcommand takes ``--state-dir`` (the one ``scripts/serve`` uses: the store lives there and the local
+server's key is read from there) and ``--json`` (a machine-readable result on stdout). A refusal prints one
+clear line on stderr and exits 1; a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from triton_launcher.paths import STATE_DIR
+
+from .capabilities import Capabilities, Capability
+from .errors import CapabilityError, StoreError
+from .generation import TextToImage
+from .servers import ServerKeys
+from .store import STORE_FILE, Store
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: must be a positive integer")
+    return value
+
+
+def _model_list(text: str) -> list[str]:
+    models = [model.strip() for model in text.split(",") if model.strip()]
+    if not models:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must list model ids separated by commas")
+    return models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help="state dir of scripts/serve, holding the store (default: %(default)s)")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    acting = argparse.ArgumentParser(add_help=False)
+    acting.add_argument("--as", dest="entity", required=True, metavar="ENTITY", help="the entity acting")
+    restrictions = argparse.ArgumentParser(add_help=False)
+    restrictions.add_argument("--allowed-models", type=_model_list, metavar="M1,M2")
+    for limit in ("max-concurrent", "max-width", "max-height", "max-steps"):
+        restrictions.add_argument(f"--{limit}", type=_positive, metavar="N")
+    restrictions.add_argument("--expires-in", type=_positive, metavar="SECONDS")
+
+    parser = argparse.ArgumentParser(prog="python -m capability", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init = commands.add_parser("init", parents=[common], help="create the store and a sys.mint authority")
+    init.add_argument("--admin", required=True, metavar="ENTITY")
+    init.add_argument("--namespace", default="diffusers")
+    mint = commands.add_parser("mint", parents=[common, acting, restrictions],
+                               help="mint a diffusers.generate capability")
+    mint.add_argument("--authority", required=True, metavar="ID")
+    mint.add_argument("--server-url", required=True, metavar="URL")
+    mint.add_argument("--default-model", required=True, metavar="MODEL")
+    delegate = commands.add_parser("delegate", parents=[common, acting, restrictions],
+                                   help="delegate a narrower capability to yourself (give it on after)")
+    delegate.add_argument("--cap", required=True, metavar="ID")
+    delegate.add_argument("--default-model", metavar="MODEL")
+    give = commands.add_parser("give", parents=[common, acting], help="move a capability to another entity")
+    give.add_argument("--cap", required=True, metavar="ID")
+    give.add_argument("--to", required=True, metavar="ENTITY")
+    for name, text in (("revoke", "revoke a capability and everything delegated from it"),
+                       ("show", "show one capability"), ("audit", "uses and denials of a capability")):
+        command = commands.add_parser(name, parents=[common, acting], help=text)
+        command.add_argument("--cap", required=True, metavar="ID")
+    commands.add_parser("list", parents=[common, acting], help="the capabilities an entity holds")
+    generate = commands.add_parser("generate", parents=[common, acting], help="textToImage with a capability")
+    generate.add_argument("--cap", required=True, metavar="ID")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--steps", type=int)
+    generate.add_argument("--guidance", type=float)
+    generate.add_argument("--negative")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--model")
+    generate.add_argument("--out", type=Path, metavar="FILE.png", help="write the PNG here")
+    register = commands.add_parser("register-server", parents=[common],
+                                   help="store the inference key of a server not started in this state dir")
+    register.add_argument("--url", required=True)
+    register.add_argument("--key-file", type=Path, required=True)
+    return parser
+
+
+def _restrictions(arguments: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in ("allowed_models", "max_concurrent", "max_width", "max_height", "max_steps", "default_model"):
+        value = getattr(arguments, name, None)
+        if value is not None:
+            values[name] = value
+    if arguments.expires_in is not None:
+        values["expires_at"] = time.time() + arguments.expires_in
+    return values
+
+
+def _open_store(state_dir: Path, create: bool = False) -> Store:
+    path = state_dir / STORE_FILE
+    if not create and not path.exists():
+        raise StoreError(f"no capability store at {path}: create it with "
+                         f"python -m capability init --admin ENTITY --state-dir {state_dir}")
+    return Store(path)
+
+
+Result = tuple[Any, str]
+"""A command's JSON-able result and its human-readable line(s)."""
+
+
+def _init(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    authority = capabilities.create_authority(arguments.admin, arguments.namespace)
+    return authority.as_dict(), authority.id
+
+
+def _mint(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    params = {"server_url": arguments.server_url, "default_model": arguments.default_model,
+              **_restrictions(arguments)}
+    minted = capabilities.mint(arguments.entity, arguments.authority, params)
+    return minted.as_dict(), minted.id
+
+
+def _delegate(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    child = capabilities.delegate(arguments.entity, arguments.cap, _restrictions(arguments))
+    return child.as_dict(), child.id
+
+
+def _give(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    given = capabilities.give(arguments.entity, arguments.cap, arguments.to)
+    return given.as_dict(), f"{given.id} now belongs to {given.owner}"
+
+
+def _revoke(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    revoked = capabilities.revoke(arguments.entity, arguments.cap)
+    return {"revoked": revoked}, f"revoked {len(revoked)} capabilities: {' '.join(revoked)}"
+
+
+def _show(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    shown = capabilities.show(arguments.entity, arguments.cap)
+    return shown.as_dict(), _describe(shown)
+
+
+def _list(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    owned = capabilities.owned(arguments.entity)
+    return [item.as_dict() for item in owned], "\n".join(_describe(item) for item in owned)
+
+
+def _audit(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    entries = capabilities.audit_log(arguments.entity, arguments.cap)
+    lines = [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(entry['at']))} {entry['entity']} "
+             f"{entry['action']} {entry['outcome']} {entry['model'] or ''} {entry['detail'] or ''}".rstrip()
+             for entry in entries]
+    return entries, "\n".join(lines)
+
+
+def _register_server(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    key = arguments.key_file.read_text(encoding="utf-8")
+    url = ServerKeys(capabilities.store, arguments.state_dir).register(arguments.url, key)
+    return {"registered": url}, f"registered the key of {url}"
+
+
+def _generate(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    options = {name: value for name, value in (
+        ("width", arguments.width), ("height", arguments.height), ("numInferenceSteps", arguments.steps),
+        ("guidanceScale", arguments.guidance), ("negativePrompt", arguments.negative),
+        ("seed", arguments.seed), ("modelId", arguments.model)) if value is not None}
+    generator = TextToImage(capabilities.store, arguments.state_dir)
+    try:
+        result = generator.text_to_image(arguments.entity, arguments.cap, arguments.prompt, options)
+    finally:
+        generator.close()
+    line = f"{result['model']} {result['width']}x{result['height']} seed {result['seed']}"
+    if arguments.out is not None:
+        arguments.out.write_bytes(base64.b64decode(result["image"]))
+        line += f" -> {arguments.out}"
+    return result, line
+
+
+COMMANDS = {
+    "init": _init, "mint": _mint, "delegate": _delegate, "give": _give, "revoke": _revoke, "show": _show,
+    "list": _list, "audit": _audit, "register-server": _register_server, "generate": _generate,
+}
+
+
+def run(arguments: argparse.Namespace) -> Result:
+    """Carry out one command."""
+    store = _open_store(arguments.state_dir, create=arguments.command == "init")
+    try:
+        return COMMANDS[arguments.command](arguments, Capabilities(store))
+    finally:
+        store.close()
+
+
+def _describe(capability: Capability) -> str:
+    state = "revoked" if capability.revoked_at is not None else "active"
+    return f"{capability.id} {capability.type} owner={capability.owner} {state} {json.dumps(capability.params)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        result, text = run(arguments)
+    except CapabilityError as error:
+        if arguments.json:
+            print(json.dumps({"error": type(error).__name__, "message": str(error)}))
+        print(f"refused: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if arguments.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

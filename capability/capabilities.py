@@ -1,0 +1,469 @@
+"""Capabilities: mint, delegate (only ever narrower), give, revoke, and the checks made at every use.
+
+A capability is a row of the store. ``sys.mint`` authorities (made by ``init``) mint capabilities of their
+namespace; a minted ``diffusers.generate`` capability's parent is its authority, a delegated one's parent is
+the capability it was delegated from. At every use the whole chain up to the authority is re-checked: every
+link unrevoked and unexpired, every child no wider than its parent, the authority's namespace covering the type.
+So an edited row can disable a capability but never widen one.
+
+The library trusts the entity it is given, as a kernel trusts the caller of a script: authenticating entities
+is the host application's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
+from .store import Store
+
+GENERATE = "diffusers.generate"
+MINT = "sys.mint"
+ID_PREFIX = "cap_"
+MAX_CHAIN_LENGTH = 64
+"""Delegation depth limit: a longer chain is refused (and a cycle in an edited store cannot loop forever)."""
+MAX_ENTITY_LENGTH = 200
+LEASE_SECONDS = 30.0
+"""A generation's concurrency slot lasts this long unless renewed; a crashed holder frees it by then."""
+
+
+def new_capability_id() -> str:
+    return ID_PREFIX + secrets.token_urlsafe(24)  # 192 random bits
+
+
+def check_entity(entity: str, role: str = "entity") -> str:
+    if not isinstance(entity, str) or not entity.strip() or len(entity) > MAX_ENTITY_LENGTH:
+        raise InvalidParamsError(f"{role} {entity!r} is invalid: must be a non-empty name of at most "
+                                 f"{MAX_ENTITY_LENGTH} characters")
+    if not entity.isprintable():
+        raise InvalidParamsError(f"{role} {entity!r} is invalid: must contain printable characters only")
+    return entity
+
+
+def namespace_covers(namespace: str, capability_type: str) -> bool:
+    """``diffusers`` covers ``diffusers`` and ``diffusers.generate``, never ``diffusersx.generate``."""
+    return capability_type == namespace or capability_type.startswith(namespace + ".")
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Parameters of a ``diffusers.generate`` capability. None means "no limit" (or "every model")."""
+
+    server_url: str
+    default_model: str
+    allowed_models: tuple[str, ...] | None = None
+    max_concurrent: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+    max_steps: int | None = None
+
+    LIMITS = ("max_concurrent", "max_width", "max_height", "max_steps")
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> GenerateParams:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(raw) - known - {"expires_at"})
+        if unknown:
+            raise InvalidParamsError(f"unknown parameter(s) {unknown}; the known ones are {sorted(known)} and "
+                                     "expires_at")
+        for required in ("server_url", "default_model"):
+            if not isinstance(raw.get(required), str) or not raw[required].strip():
+                raise InvalidParamsError(f"{required} is required: a non-empty string")
+        params = cls(
+            server_url=canonical_server_url(raw["server_url"]),
+            default_model=raw["default_model"],
+            allowed_models=_model_list(raw.get("allowed_models")),
+            **{name: _limit(name, raw.get(name)) for name in cls.LIMITS},
+        )
+        if params.allowed_models is not None and params.default_model not in params.allowed_models:
+            raise InvalidParamsError(f"default_model {params.default_model!r} is not in allowed_models "
+                                     f"{list(params.allowed_models)}")
+        return params
+
+    def as_json(self) -> dict[str, Any]:
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        if self.allowed_models is not None:
+            values["allowed_models"] = list(self.allowed_models)
+        return {key: value for key, value in values.items() if value is not None}
+
+    def narrowed(self, restrictions: Mapping[str, Any]) -> GenerateParams:
+        """A child's parameters: this one's, with ``restrictions`` applied; refuse anything wider."""
+        merged = self.as_json()
+        if "allowed_models" in restrictions and "default_model" not in restrictions:
+            # The parent's default may fall outside the narrower list; keep it only if it is inside.
+            allowed = restrictions["allowed_models"]
+            if isinstance(allowed, list) and allowed and self.default_model not in allowed:
+                merged["default_model"] = allowed[0]
+        merged.update({key: value for key, value in restrictions.items() if key != "expires_at"})
+        child = GenerateParams.parse(merged)
+        child.check_within(self)
+        return child
+
+    def check_within(self, parent: GenerateParams) -> None:
+        """Raise InvalidParamsError unless these parameters grant nothing ``parent`` does not."""
+        if self.server_url != parent.server_url:
+            raise InvalidParamsError(f"server_url {self.server_url!r} differs from the parent's "
+                                     f"{parent.server_url!r}: a delegated capability keeps its server")
+        if parent.allowed_models is not None:
+            if self.allowed_models is None:
+                raise InvalidParamsError(f"allowed_models must be a subset of the parent's "
+                                         f"{list(parent.allowed_models)}, not every model")
+            extra = sorted(set(self.allowed_models) - set(parent.allowed_models))
+            if extra:
+                raise InvalidParamsError(f"allowed_models {extra} are not in the parent's "
+                                         f"{list(parent.allowed_models)}")
+        for name in self.LIMITS:
+            mine, theirs = getattr(self, name), getattr(parent, name)
+            if theirs is not None and (mine is None or mine > theirs):
+                raise InvalidParamsError(f"{name}={mine} is wider than the parent's {theirs}")
+
+
+def canonical_server_url(url: str) -> str:
+    """``http(s)://host:port`` with a lower-case host and an explicit port: keys are bound to this form."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise InvalidParamsError(f"server_url {url!r} is invalid: must look like http://127.0.0.1:8000")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidParamsError(f"server_url {url!r} is invalid: only scheme, host and port are allowed")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidParamsError(f"server_url {url!r} is invalid: bad port") from None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _model_list(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InvalidParamsError(f"allowed_models={value!r} is invalid: must be a non-empty list of model ids")
+    return tuple(dict.fromkeys(value))
+
+
+def _limit(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParamsError(f"{name}={value!r} is invalid: must be a positive integer")
+    return value
+
+
+def parse_expiry(value: Any, now: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParamsError(f"expires_at={value!r} is invalid: must be a time in seconds since the epoch")
+    if value <= now:
+        raise InvalidParamsError(f"expires_at={value!r} is invalid: it is already past")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Capability:
+    id: str
+    type: str
+    owner: str
+    params: dict[str, Any]
+    parent_id: str | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Capability:
+        return cls(id=row["id"], type=row["type"], owner=row["owner"], params=json.loads(row["params"]),
+                   parent_id=row["parent_id"], created_at=row["created_at"], expires_at=row["expires_at"],
+                   revoked_at=row["revoked_at"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "owner": self.owner, "params": self.params,
+                "parent_id": self.parent_id, "created_at": self.created_at, "expires_at": self.expires_at,
+                "revoked": self.revoked_at is not None}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a successful check yields: the capability, its checked parameters and its chain to the authority."""
+
+    capability: Capability
+    params: GenerateParams
+    chain: tuple[Capability, ...]
+
+
+class Capabilities:
+    """The operations on capabilities, over one store."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    # --- authorities ---------------------------------------------------------------------------------------
+
+    def create_authority(self, admin: str, namespace: str = "diffusers") -> Capability:
+        """A ``sys.mint`` authority for ``namespace``, owned by ``admin`` (the CLI's ``init``)."""
+        check_entity(admin, "admin")
+        if not namespace or not all(part.isidentifier() for part in namespace.split(".")):
+            raise InvalidParamsError(f"namespace {namespace!r} is invalid: must be dotted names like 'diffusers'")
+        with self.store.write() as db:
+            return self._insert(db, MINT, admin, {"namespace": namespace}, parent_id=None, expires_at=None)
+
+    def mint(self, entity: str, authority_id: str, params: Mapping[str, Any],
+             capability_type: str = GENERATE) -> Capability:
+        check_entity(entity)
+        if capability_type != GENERATE:
+            raise InvalidParamsError(f"type {capability_type!r} cannot be minted: only {GENERATE!r} is known")
+        now = self.clock()
+        generate = GenerateParams.parse(params)
+        expires_at = parse_expiry(params.get("expires_at"), now)
+        with self._recording_denials(entity, authority_id, "mint"), self.store.write() as db:
+            authority = self._held(db, entity, authority_id, "mint with")
+            self._check_usable(authority, now)
+            if authority.type != MINT:
+                raise DeniedError(f"capability {authority_id!r} is a {authority.type}, not a {MINT} authority")
+            namespace = authority.params.get("namespace", "")
+            if not namespace_covers(namespace, capability_type):
+                raise DeniedError(f"authority {authority_id!r} mints in namespace {namespace!r}, which does not "
+                                  f"cover {capability_type!r}")
+            minted = self._insert(db, capability_type, entity, generate.as_json(), parent_id=authority_id,
+                                  expires_at=expires_at)
+            self._audit(db, entity, minted.id, "mint", "ok", detail=f"by authority {authority_id}")
+            return minted
+
+    # --- delegation, transfer, revocation --------------------------------------------------------------------
+
+    def delegate(self, entity: str, capability_id: str, restrictions: Mapping[str, Any]) -> Capability:
+        """A child capability owned by ``entity``, never wider than its parent in any respect."""
+        now = self.clock()
+        with self._recording_denials(entity, capability_id, "delegate"), self.store.write() as db:
+            grant = self._grant(db, entity, capability_id, now, "delegate")
+            params = grant.params.narrowed(restrictions)
+            parent_expiry = min((link.expires_at for link in grant.chain if link.expires_at), default=None)
+            expires_at = parse_expiry(restrictions.get("expires_at"), now)
+            if expires_at is not None and parent_expiry is not None and expires_at > parent_expiry:
+                raise InvalidParamsError(f"expires_at={expires_at} is later than the parent's {parent_expiry}")
+            child = self._insert(db, GENERATE, entity, params.as_json(), parent_id=capability_id,
+                                 expires_at=expires_at or parent_expiry)
+            self._audit(db, entity, child.id, "delegate", "ok", detail=f"from {capability_id}")
+            return child
+
+    def give(self, entity: str, capability_id: str, recipient: str) -> Capability:
+        """Move ownership to ``recipient``: the giver can no longer use, delegate or give it."""
+        check_entity(recipient, "recipient")
+        now = self.clock()
+        with self._recording_denials(entity, capability_id, "give"), self.store.write() as db:
+            capability = self._held(db, entity, capability_id, "give")
+            self._check_usable(capability, now)
+            db.execute("UPDATE capabilities SET owner = ? WHERE id = ?", (recipient, capability_id))
+            self._audit(db, entity, capability_id, "give", "ok", detail=f"to {recipient}")
+            return self._load(db, capability_id)
+
+    def revoke(self, entity: str, capability_id: str) -> list[str]:
+        """Disable the capability and all its descendants. Allowed to its owner and to any ancestor's owner."""
+        now = self.clock()
+        with self._recording_denials(entity, capability_id, "revoke"), self.store.write() as db:
+            capability = self._find(db, capability_id)
+            owners = {link.owner for link in self._chain(db, capability)} if capability else set()
+            if capability is None or entity not in owners:
+                raise DeniedError(f"capability {capability_id!r} is neither held by {entity!r} nor below a "
+                                  f"capability {entity!r} holds")
+            subtree = [row["id"] for row in db.execute(
+                """WITH RECURSIVE subtree(id) AS (
+                       SELECT ? UNION SELECT c.id FROM capabilities c JOIN subtree s ON c.parent_id = s.id)
+                   SELECT id FROM subtree""", (capability_id,))]
+            db.executemany("UPDATE capabilities SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                           [(now, identifier) for identifier in subtree])
+            self._audit(db, entity, capability_id, "revoke", "ok", detail=f"{len(subtree)} capabilities disabled")
+            return subtree
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def show(self, entity: str, capability_id: str) -> Capability:
+        return self._held(self.store.read(), entity, capability_id, "show")
+
+    def owned(self, entity: str) -> list[Capability]:
+        rows = self.store.read().execute(
+            "SELECT * FROM capabilities WHERE owner = ? ORDER BY created_at, id", (entity,))
+        return [Capability.from_row(row) for row in rows]
+
+    def audit_log(self, entity: str, capability_id: str) -> list[dict[str, Any]]:
+        """Uses and denials recorded for a capability ``entity`` holds (or one below it)."""
+        db = self.store.read()
+        capability = self._find(db, capability_id)
+        if capability is None or entity not in {link.owner for link in self._chain(db, capability)}:
+            raise DeniedError(f"capability {capability_id!r} is not held by {entity!r}")
+        rows = db.execute("SELECT * FROM audit WHERE capability_id = ? ORDER BY id", (capability_id,))
+        return [dict(row) for row in rows]
+
+    # --- use ---------------------------------------------------------------------------------------------------
+
+    def authorize(self, entity: str, capability_id: str) -> Grant:
+        """Check that ``entity`` may generate with ``capability_id`` now; record a denial if not."""
+        now = self.clock()
+        db = self.store.read()
+        try:
+            return self._grant(db, entity, capability_id, now, "use")
+        except DeniedError as error:
+            self.record(entity, capability_id, "generate", "denied", detail=str(error))
+            raise
+
+    def record(self, entity: str, capability_id: str | None, action: str, outcome: str, *,
+               model: str | None = None, width: int | None = None, height: int | None = None,
+               steps: int | None = None, detail: str | None = None) -> None:
+        with self.store.write() as db:
+            self._audit(db, entity, capability_id, action, outcome, model=model, width=width, height=height,
+                        steps=steps, detail=detail)
+
+    def acquire_slot(self, grant: Grant) -> str:
+        """Take one concurrency slot counted against every capability of the chain; refuse when one is full.
+
+        The rule: an excess generation is refused at once (it does not queue). Slots are leases that expire
+        after :data:`LEASE_SECONDS` unless renewed, so a holder that dies frees its slot by then.
+        """
+        now = self.clock()
+        budgets = [link for link in grant.chain if link.type == GENERATE]
+        with self.store.write() as db:
+            expired = [row["id"] for row in db.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
+            db.executemany("DELETE FROM leases WHERE id = ?", [(lease,) for lease in expired])
+            for link in budgets:
+                limit = link.params.get("max_concurrent")
+                if limit is None:
+                    continue
+                (in_use,) = db.execute("SELECT COUNT(*) FROM lease_budgets WHERE capability_id = ?",
+                                       (link.id,)).fetchone()
+                if in_use >= limit:
+                    raise ConcurrencyLimitError(
+                        f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
+                        f"delegates, and {in_use} are running; retry when one finishes"
+                    )
+            lease = "lease_" + secrets.token_urlsafe(16)
+            db.execute("INSERT INTO leases (id, capability_id, holder, acquired_at, expires_at) VALUES (?,?,?,?,?)",
+                       (lease, grant.capability.id, f"{socket.gethostname()}:{os.getpid()}", now,
+                        now + LEASE_SECONDS))
+            db.executemany("INSERT INTO lease_budgets (lease_id, capability_id) VALUES (?, ?)",
+                           [(lease, link.id) for link in budgets])
+            return lease
+
+    def renew_slot(self, lease: str) -> None:
+        with self.store.write() as db:
+            db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (self.clock() + LEASE_SECONDS, lease))
+
+    def release_slot(self, lease: str) -> None:
+        with self.store.write() as db:
+            db.execute("DELETE FROM leases WHERE id = ?", (lease,))
+
+    # --- internals -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _recording_denials(self, entity: str, capability_id: str, action: str) -> Iterator[None]:
+        """Record a refusal in the audit log after its transaction has rolled back (so nothing else changed)."""
+        try:
+            yield
+        except (DeniedError, InvalidParamsError) as error:
+            self.record(entity, capability_id if isinstance(capability_id, str) else None, action, "denied",
+                        detail=str(error))
+            raise
+
+    def _insert(self, db: sqlite3.Connection, capability_type: str, owner: str, params: dict[str, Any], *,
+                parent_id: str | None, expires_at: float | None) -> Capability:
+        identifier = new_capability_id()
+        db.execute(
+            "INSERT INTO capabilities (id, type, owner, params, parent_id, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (identifier, capability_type, owner, json.dumps(params, sort_keys=True), parent_id, self.clock(),
+             expires_at),
+        )
+        return self._load(db, identifier)
+
+    def _find(self, db: sqlite3.Connection, capability_id: object) -> Capability | None:
+        if not isinstance(capability_id, str):
+            return None
+        row = db.execute("SELECT * FROM capabilities WHERE id = ?", (capability_id,)).fetchone()
+        return Capability.from_row(row) if row else None
+
+    def _load(self, db: sqlite3.Connection, capability_id: str) -> Capability:
+        capability = self._find(db, capability_id)
+        assert capability is not None
+        return capability
+
+    def _held(self, db: sqlite3.Connection, entity: str, capability_id: str, verb: str) -> Capability:
+        capability = self._find(db, capability_id)
+        # One message for "no such id" and "someone else's": ids are not to be probed for.
+        if capability is None or capability.owner != entity:
+            raise DeniedError(f"cannot {verb} capability {capability_id!r}: it is not held by {entity!r}")
+        return capability
+
+    def _chain(self, db: sqlite3.Connection, capability: Capability) -> list[Capability]:
+        chain = [capability]
+        while chain[-1].parent_id is not None:
+            if len(chain) >= MAX_CHAIN_LENGTH:
+                raise DeniedError(f"capability {capability.id!r} has a delegation chain longer than "
+                                  f"{MAX_CHAIN_LENGTH}")
+            parent = self._find(db, chain[-1].parent_id)
+            if parent is None:
+                raise DeniedError(f"capability {chain[-1].id!r} has lost its parent {chain[-1].parent_id!r}")
+            chain.append(parent)
+        return chain
+
+    def _check_usable(self, capability: Capability, now: float) -> None:
+        if capability.revoked_at is not None:
+            raise DeniedError(f"capability {capability.id!r} is revoked")
+        if capability.expires_at is not None and capability.expires_at <= now:
+            raise DeniedError(f"capability {capability.id!r} expired at {_when(capability.expires_at)}")
+
+    def _grant(self, db: sqlite3.Connection, entity: str, capability_id: str, now: float, verb: str) -> Grant:
+        capability = self._held(db, entity, capability_id, verb)
+        if capability.type != GENERATE:
+            raise DeniedError(f"capability {capability_id!r} is a {capability.type}, not {GENERATE}")
+        chain = self._chain(db, capability)
+        for link in chain:
+            if link.revoked_at is not None:
+                which = "is revoked" if link is capability else f"is below revoked capability {link.id!r}"
+                raise DeniedError(f"capability {capability_id!r} {which}")
+            if link.expires_at is not None and link.expires_at <= now:
+                which = "" if link is capability else f" (through its ancestor {link.id!r})"
+                raise DeniedError(f"capability {capability_id!r} expired at {_when(link.expires_at)}{which}")
+        authority = chain[-1]
+        if authority.type != MINT or not namespace_covers(authority.params.get("namespace", ""), GENERATE):
+            raise DeniedError(f"capability {capability_id!r} does not descend from a {MINT} authority over "
+                              f"{GENERATE}")
+        try:
+            generates = [GenerateParams.parse(link.params) for link in chain[:-1]]
+            for child, parent in itertools.pairwise(generates):
+                child.check_within(parent)
+        except InvalidParamsError as error:
+            raise DeniedError(f"capability {capability_id!r} is wider than its chain allows: {error}") from None
+        if any(link.type != GENERATE for link in chain[:-1]):
+            raise DeniedError(f"capability {capability_id!r} has a chain of mixed types")
+        return Grant(capability=capability, params=generates[0], chain=tuple(chain))
+
+    def _audit(self, db: sqlite3.Connection, entity: str, capability_id: str | None, action: str, outcome: str,
+               *, model: str | None = None, width: int | None = None, height: int | None = None,
+               steps: int | None = None, detail: str | None = None) -> None:
+        db.execute(
+            "INSERT INTO audit (at, entity, capability_id, action, outcome, model, width, height, steps, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.clock(), entity, capability_id, action, outcome, model, width, height, steps, detail),
+        )
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def ids(capabilities: Iterable[Capability]) -> list[str]:
+    return [capability.id for capability in capabilities]

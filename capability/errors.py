@@ -1,0 +1,65 @@
+"""The capability layer's exceptions: one root, and a subclass for each way a caller must react.
+
+Every message says what was refused and why, naming the capability, option or value involved; none of them
+contains a prompt in full or a key.
+"""
+
+from __future__ import annotations
+
+
+class CapabilityError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class StoreError(CapabilityError):
+    """The capability store cannot be opened, migrated or written."""
+
+
+class DeniedError(CapabilityError):
+    """The acting entity may not do this with this capability (not its owner, revoked, expired, beyond a limit)."""
+
+
+class ConcurrencyLimitError(DeniedError):
+    """``max_concurrent`` generations are already running under this capability or one of its ancestors."""
+
+
+class InvalidParamsError(CapabilityError):
+    """Parameters given to mint or delegate are malformed, unknown, or wider than the parent allows."""
+
+
+class InvalidOptionError(CapabilityError):
+    """A ``textToImage`` option (or the prompt) breaks a rule; nothing was sent to the server."""
+
+    def __init__(self, option: str, value: object, rule: str) -> None:
+        self.option = option
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{option}={_short(value)} is invalid: {rule}")
+
+
+class ServerError(CapabilityError):
+    """Root of the errors that come from (or about) the Triton server."""
+
+
+class UnknownServerError(ServerError):
+    """No inference key is known for the capability's ``server_url``: the layer never sends a key elsewhere."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server cannot be reached, or refused the key (restarted with a new one and not re-registered)."""
+
+
+class ModelNotServedError(ServerError):
+    """No Triton model on the server serves the requested model id."""
+
+
+class GenerationError(ServerError):
+    """The server refused or failed the generation; the message is the server's."""
+
+
+_MAX_SHOWN = 48
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}…({len(text)} chars)"

@@ -1,0 +1,203 @@
+"""``textToImage``: check everything, then one call to Triton, then a base64 PNG.
+
+Every option is checked before the server is contacted: names, types, finite numbers, ranges, the smallest
+size multiple of any family (8; SD3 and FLUX need 16, which their server enforces), prompt length and
+encoding, and the capability's allowlist and limits. The concurrency slot is taken last, just before the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from triton_launcher import contract
+
+from .capabilities import LEASE_SECONDS, Capabilities, Grant
+from .errors import CapabilityError, DeniedError, InvalidOptionError
+from .png import encode_png_base64
+from .servers import ServerKeys, TritonGateway
+from .store import Store
+
+OPTION_NAMES = ("width", "height", "numInferenceSteps", "guidanceScale", "negativePrompt", "seed", "modelId")
+SIZE_MULTIPLE = 8
+"""The smallest size multiple of any served family; the server applies its family's own (16 for SD3/FLUX)."""
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_GUIDANCE_SCALE = 100.0
+MAX_PROMPT_BYTES = 4096
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Options:
+    """Checked ``textToImage`` options; None leaves the choice to the model (or the capability's default)."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    model_id: str | None = None
+
+
+def check_prompt(prompt: object, option: str = "prompt") -> str:
+    if not isinstance(prompt, str):
+        raise InvalidOptionError(option, prompt, "must be a string")
+    try:
+        size = len(prompt.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidOptionError(option, prompt, "must be valid Unicode text (it holds a lone surrogate)") from None
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidOptionError(option, f"<{size} bytes>", f"must be at most {MAX_PROMPT_BYTES} bytes of UTF-8")
+    if "\x00" in prompt:
+        raise InvalidOptionError(option, prompt, "must not contain NUL characters")
+    if option == "prompt" and not prompt.strip():
+        raise InvalidOptionError(option, prompt, "must contain visible text")
+    return prompt
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Options:
+    options = dict(options or {})
+    for name in options:
+        if name not in OPTION_NAMES:
+            close = difflib.get_close_matches(str(name), OPTION_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {', '.join(OPTION_NAMES)}"
+            raise InvalidOptionError(str(name), options[name], f"is not a textToImage option{hint}")
+    width = _integer(options, "width", SIZE_MULTIPLE, MAX_SIDE, multiple=True)
+    height = _integer(options, "height", SIZE_MULTIPLE, MAX_SIDE, multiple=True)
+    steps = _integer(options, "numInferenceSteps", 1, MAX_STEPS)
+    seed = _integer(options, "seed", 0, MAX_SEED)
+    guidance = options.get("guidanceScale")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise InvalidOptionError("guidanceScale", guidance, "must be a number")
+        if not math.isfinite(guidance):
+            raise InvalidOptionError("guidanceScale", guidance, "must be a finite number (NaN would silently "
+                                     "disable guidance)")
+        if not 0 <= guidance <= MAX_GUIDANCE_SCALE:
+            raise InvalidOptionError("guidanceScale", guidance, f"must be between 0 and {MAX_GUIDANCE_SCALE:g}")
+        guidance = float(guidance)
+    negative = options.get("negativePrompt")
+    if negative is not None:
+        negative = check_prompt(negative, "negativePrompt")
+    model_id = options.get("modelId")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id.strip()):
+        raise InvalidOptionError("modelId", model_id, "must be a non-empty model id string")
+    return Options(width=width, height=height, steps=steps, guidance_scale=guidance, negative_prompt=negative,
+                   seed=seed, model_id=model_id)
+
+
+def _integer(options: Mapping[str, Any], name: str, minimum: int, maximum: int, multiple: bool = False) -> int | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOptionError(name, value, "must be an integer")
+    if multiple and (value < minimum or value % SIZE_MULTIPLE):
+        raise InvalidOptionError(name, value, f"must be a positive multiple of {SIZE_MULTIPLE}")
+    if not minimum <= value <= maximum:
+        raise InvalidOptionError(name, value, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def check_grant(grant: Grant, options: Options) -> str:
+    """The model to use; raise DeniedError when the options exceed what the capability grants."""
+    params = grant.params
+    model_id = options.model_id or params.default_model
+    if params.allowed_models is not None and model_id not in params.allowed_models:
+        raise DeniedError(f"model {model_id!r} is not allowed by capability {grant.capability.id!r}; it allows "
+                          f"{list(params.allowed_models)}")
+    for option, value, limit_name in (("width", options.width, "max_width"),
+                                      ("height", options.height, "max_height"),
+                                      ("numInferenceSteps", options.steps, "max_steps")):
+        limit = getattr(params, limit_name)
+        if limit is None:
+            continue
+        if value is None:
+            # The model's default is not known here and could exceed the limit: the caller must choose.
+            raise DeniedError(f"{option} is required with capability {grant.capability.id!r}, which limits it "
+                              f"to {limit} ({limit_name})")
+        if value > limit:
+            raise DeniedError(f"{option}={value} exceeds {limit_name}={limit} of capability "
+                              f"{grant.capability.id!r}")
+    return model_id
+
+
+class TextToImage:
+    """The capability layer's entry point: ``text_to_image(entity, capability_id, prompt, options)``."""
+
+    def __init__(self, store: Store, state_dir: Path | None) -> None:
+        self.capabilities = Capabilities(store)
+        self.keys = ServerKeys(store, state_dir)
+        self._gateways: dict[str, TritonGateway] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            gateways, self._gateways = list(self._gateways.values()), {}
+        for gateway in gateways:
+            gateway.close()
+
+    def gateway(self, server_url: str) -> TritonGateway:
+        with self._lock:
+            gateway = self._gateways.get(server_url)
+            if gateway is None:
+                gateway = self._gateways[server_url] = TritonGateway(server_url, self.keys)
+            return gateway
+
+    def text_to_image(self, entity: str, capability_id: str, prompt: str,
+                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Generate one image; the result is ``{image, width, height, format, seed, model}``."""
+        grant = self.capabilities.authorize(entity, capability_id)  # records its own denials
+        audit: dict[str, Any] = {"model": None, "width": None, "height": None, "steps": None}
+        try:
+            checked_prompt = check_prompt(prompt)
+            checked = parse_options(options)
+            model_id = check_grant(grant, checked)
+            audit.update(model=model_id, width=checked.width, height=checked.height, steps=checked.steps)
+            gateway = self.gateway(grant.params.server_url)
+            triton_model = gateway.resolve(model_id)
+            request = contract.TextToImage(
+                checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
+                height=checked.height, num_inference_steps=checked.steps, guidance_scale=checked.guidance_scale,
+                seed=checked.seed,
+            )
+            with self._slot(grant):
+                generated = gateway.generate(triton_model, request)
+            height, width, _ = generated.image.shape
+            result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
+                      "format": "png", "seed": generated.seed, "model": model_id}
+        except CapabilityError as error:
+            outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
+            self.capabilities.record(entity, capability_id, "generate", outcome, detail=str(error), **audit)
+            raise
+        self.capabilities.record(entity, capability_id, "generate", "ok", model=model_id, width=width,
+                                 height=height, steps=checked.steps)
+        return result
+
+    @contextlib.contextmanager
+    def _slot(self, grant: Grant) -> Iterator[None]:
+        """Hold a concurrency slot for the duration, renewing its lease so that only a dead holder loses it."""
+        lease = self.capabilities.acquire_slot(grant)
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(LEASE_SECONDS / 3):
+                with contextlib.suppress(CapabilityError):
+                    self.capabilities.renew_slot(lease)
+
+        renewer = threading.Thread(target=renew, name=f"lease-{lease[:12]}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
+            self.capabilities.release_slot(lease)

@@ -1,0 +1,78 @@
+"""The Python face of the layer, shaped like the seed's TypeScript one::
+
+    layer = CapabilityLayer(state_dir)
+    gen_cap = layer.mint("alice", authority_id, {"server_url": url, "default_model": "tiny-sd15"})
+    result = gen_cap.text_to_image("a beautiful sunset over mountains", {"width": 768, "seed": 42})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from triton_launcher.paths import STATE_DIR
+
+from .capabilities import Capabilities, Capability
+from .generation import TextToImage
+from .store import STORE_FILE, Store
+
+
+class CapabilityLayer:
+    """The store in a state dir and the servers its capabilities name."""
+
+    def __init__(self, state_dir: Path = STATE_DIR, store: Store | None = None) -> None:
+        self.state_dir = state_dir
+        self.store = store or Store(state_dir / STORE_FILE)
+        self.capabilities = Capabilities(self.store)
+        self.generator = TextToImage(self.store, state_dir)
+
+    def close(self) -> None:
+        """Close the server connections and this thread's store connection."""
+        self.generator.close()
+        self.store.close()
+
+    def __enter__(self) -> CapabilityLayer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def create_authority(self, admin: str, namespace: str = "diffusers") -> CapabilityHandle:
+        return self._handle(self.capabilities.create_authority(admin, namespace))
+
+    def mint(self, entity: str, authority_id: str, params: Mapping[str, Any]) -> CapabilityHandle:
+        return self._handle(self.capabilities.mint(entity, authority_id, params))
+
+    def handle(self, entity: str, capability_id: str) -> CapabilityHandle:
+        """``entity``'s view of a capability: every use is checked when made, not here."""
+        return CapabilityHandle(self, entity, capability_id)
+
+    def _handle(self, capability: Capability) -> CapabilityHandle:
+        return CapabilityHandle(self, capability.owner, capability.id)
+
+
+@dataclass(frozen=True)
+class CapabilityHandle:
+    """A capability id in the hands of one entity."""
+
+    layer: CapabilityLayer
+    entity: str
+    id: str
+
+    def text_to_image(self, prompt: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return self.layer.generator.text_to_image(self.entity, self.id, prompt, options)
+
+    def delegate(self, restrictions: Mapping[str, Any]) -> CapabilityHandle:
+        return self.layer._handle(self.layer.capabilities.delegate(self.entity, self.id, restrictions))
+
+    def give(self, recipient: str) -> CapabilityHandle:
+        given = self.layer.capabilities.give(self.entity, self.id, recipient)
+        return self.layer._handle(given)
+
+    def revoke(self) -> list[str]:
+        return self.layer.capabilities.revoke(self.entity, self.id)
+
+    def show(self) -> Capability:
+        return self.layer.capabilities.show(self.entity, self.id)

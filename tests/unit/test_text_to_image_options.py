@@ -1,0 +1,96 @@
+"""textToImage option checks, made before anything reaches a server (no Triton)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capability.capabilities import Capabilities
+from capability.errors import DeniedError, InvalidOptionError
+from capability.generation import check_grant, check_prompt, parse_options
+from capability.store import STORE_FILE, Store
+
+
+@pytest.mark.parametrize(
+    ("options", "option", "rule"),
+    [
+        ({"widht": 512}, "widht", "did you mean 'width'"),
+        ({"steps": 4}, "steps", "is not a textToImage option"),
+        ({"width": 500}, "width", "positive multiple of 8"),
+        ({"width": "512"}, "width", "must be an integer"),
+        ({"height": 512.0}, "height", "must be an integer"),
+        ({"height": True}, "height", "must be an integer"),
+        ({"width": 8192}, "width", "between 8 and 4096"),
+        ({"numInferenceSteps": 0}, "numInferenceSteps", "between 1 and 1000"),
+        ({"guidanceScale": float("nan")}, "guidanceScale", "finite number"),
+        ({"guidanceScale": float("inf")}, "guidanceScale", "finite number"),
+        ({"guidanceScale": -1}, "guidanceScale", "between 0 and 100"),
+        ({"guidanceScale": "7.5"}, "guidanceScale", "must be a number"),
+        ({"seed": -1}, "seed", "between 0 and"),
+        ({"seed": 2**63}, "seed", "between 0 and"),
+        ({"negativePrompt": "a\x00b"}, "negativePrompt", "NUL"),
+        ({"modelId": ""}, "modelId", "non-empty model id"),
+    ],
+)
+def test_parse_options_names_option_value_and_rule_when_an_option_is_bad(
+    options: dict[str, Any], option: str, rule: str
+) -> None:
+    with pytest.raises(InvalidOptionError, match=rule) as caught:
+        parse_options(options)
+    assert caught.value.option == option
+    assert str(caught.value).startswith(f"{option}=")
+
+
+def test_parse_options_keeps_the_seed_examples_options_when_they_are_valid() -> None:
+    options = parse_options({"width": 768, "height": 512, "numInferenceSteps": 30, "guidanceScale": 7.5,
+                             "negativePrompt": "blurry, low quality", "seed": 42})
+    assert (options.width, options.height, options.steps, options.guidance_scale, options.seed) == (
+        768, 512, 30, 7.5, 42)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rule"),
+    [("", "visible text"), ("x" * 3_000_000, "at most 4096 bytes"), ("caf\udce9", "lone surrogate"),
+     ("a\x00b", "NUL"), (b"bytes", "must be a string")],
+)
+def test_check_prompt_refuses_when_the_prompt_is_unusable(prompt: Any, rule: str) -> None:
+    with pytest.raises(InvalidOptionError, match=rule):
+        check_prompt(prompt)
+
+
+def test_check_prompt_shows_a_size_not_the_text_when_the_prompt_is_megabytes(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError) as caught:
+        check_prompt("secret " * 500_000)
+    assert "secret" not in str(caught.value)
+
+
+@pytest.fixture
+def grant(tmp_path: Path) -> Any:
+    capabilities = Capabilities(Store(tmp_path / STORE_FILE))
+    authority = capabilities.create_authority("admin").id
+    capability = capabilities.mint("admin", authority, {
+        "server_url": "http://127.0.0.1:8000", "default_model": "tiny-sd15",
+        "allowed_models": ["tiny-sd15", "tiny-sdxl"], "max_width": 512, "max_height": 512, "max_steps": 8})
+    return capabilities.authorize("admin", capability.id)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"width": 1024, "height": 256, "numInferenceSteps": 4}, "width=1024 exceeds max_width=512"),
+        ({"width": 256, "height": 520, "numInferenceSteps": 4}, "height=520 exceeds max_height=512"),
+        ({"width": 256, "height": 256, "numInferenceSteps": 9}, "numInferenceSteps=9 exceeds max_steps=8"),
+        ({"height": 256, "numInferenceSteps": 4}, "width is required with capability"),
+        ({"width": 256, "height": 256, "numInferenceSteps": 4, "modelId": "tiny-flux"},
+         r"model 'tiny-flux' is not allowed .* \['tiny-sd15', 'tiny-sdxl'\]"),
+    ],
+)
+def test_check_grant_refuses_options_beyond_the_capability(grant: Any, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(DeniedError, match=message):
+        check_grant(grant, parse_options(options))
+
+
+def test_check_grant_picks_the_default_model_when_none_is_asked_for(grant: Any) -> None:
+    assert check_grant(grant, parse_options({"width": 256, "height": 256, "numInferenceSteps": 4})) == "tiny-sd15"
