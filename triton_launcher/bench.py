@@ -103,7 +103,39 @@ def main(argv: list[str] | None = None) -> int:
                 triton_median, local_median = statistics.median(triton_samples), statistics.median(local_samples)
                 print(f"| {model} | {triton_median * 1000:.0f} ms | {local_median * 1000:.0f} ms | "
                       f"{triton_median / local_median:.2f} |", flush=True)
+            capability_overhead(server, client, request, arguments.iterations)
     return 0
+
+
+def capability_overhead(server: TritonServer, client: Any, request: contract.TextToImage, iterations: int) -> None:
+    """textToImage through the capability layer (checks, store, lease, audit, PNG) against the same request
+    sent straight with tritonclient."""
+    from capability import CapabilityLayer
+
+    model = TINY_PREFIX + "sd15"
+    options = {"width": request.width, "height": request.height, "numInferenceSteps": request.num_inference_steps,
+               "seed": request.seed}
+    with CapabilityLayer(server.options.state_dir) as layer:
+        authority = layer.create_authority("bench")
+        handle = layer.mint("bench", authority.id, {"server_url": server.url, "default_model": model,
+                                                    "max_concurrent": 4, "max_width": 1024, "max_height": 1024,
+                                                    "max_steps": 50})
+        delegated = handle.delegate({"max_steps": 10})  # a chain of three links to re-check at each use
+
+        def direct() -> object:
+            return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                headers=server.headers)
+
+        def through_capability() -> object:
+            return delegated.text_to_image(request.prompt, options)
+
+        direct_samples, capability_samples = timed_side_by_side(direct, through_capability, iterations)
+    direct_median, capability_median = statistics.median(direct_samples), statistics.median(capability_samples)
+    print(f"\n| {model}, one request | direct tritonclient | capability textToImage | overhead | ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| {request.width}x{request.height}, {request.num_inference_steps} steps | {direct_median * 1000:.0f} ms | "
+          f"{capability_median * 1000:.0f} ms | {(capability_median - direct_median) * 1000:.1f} ms | "
+          f"{capability_median / direct_median:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

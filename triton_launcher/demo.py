@@ -1,18 +1,22 @@
-"""``scripts/demo``: serve the tiny models, generate one image per family over HTTP, write PNGs, stop."""
+"""``scripts/demo``: serve the tiny models and show the whole system.
+
+An operator mints a capability and gives it to alice, who generates one image per family through the
+capability layer (Triton over HTTP underneath); she delegates a narrower one to bob, whose use inside his
+limits succeeds and outside them is refused. PNGs go to ``--out``; the server stops at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-from tritonclient.utils import InferenceServerException
+from capability import CapabilityError, CapabilityLayer, DeniedError
 
-from . import contract
 from .errors import LauncherError
 from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
 from .server import TritonServer, loopback_options
@@ -57,29 +61,46 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="triton-demo-") as state_dir:
         options = loopback_options(repository, Path(state_dir))
         try:
-            with TritonServer(options) as server:
+            with TritonServer(options) as server, CapabilityLayer(Path(state_dir)) as layer:
                 logger.info("server ready at %s after %.1f s", server.url, time.monotonic() - started)
-                with server.http_client() as client:
-                    for family in FAMILY_MODELS:
-                        model = TINY_PREFIX + family
-                        request = contract.TextToImage(
-                            PROMPTS[family], width=arguments.width, height=arguments.height,
-                            num_inference_steps=arguments.steps, seed=arguments.seed,
-                        )
-                        begun = time.monotonic()
-                        result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                              headers=server.headers)
-                        generated = contract.read_result(result)
-                        path = arguments.out / f"{model}.png"
-                        Image.fromarray(generated.image).save(path)
-                        height, width, _ = generated.image.shape
-                        print(f"{path}  {width}x{height}  seed {generated.seed}  "
-                              f"{time.monotonic() - begun:.2f} s", flush=True)
-        except (LauncherError, InferenceServerException) as error:
+                run_demo(layer, server.url, arguments)
+        except (LauncherError, CapabilityError) as error:
             print(f"scripts/demo: {error}", file=sys.stderr)
             return 1
     print(f"wrote {len(FAMILY_MODELS)} images to {arguments.out.resolve()}")
     return 0
+
+
+def run_demo(layer: CapabilityLayer, server_url: str, arguments: argparse.Namespace) -> None:
+    """The whole system in a few steps: an operator mints, alice generates, bob gets a narrower share."""
+    authority = layer.create_authority("operator")
+    alice_cap = layer.mint("operator", authority.id, {
+        "server_url": server_url, "default_model": "tiny-sd15", "max_concurrent": 2,
+    }).give("alice")
+    print(f"operator minted {alice_cap.id} (every model at {server_url}) and gave it to alice")
+    for family in FAMILY_MODELS:
+        model = TINY_PREFIX + family
+        begun = time.monotonic()
+        result = alice_cap.text_to_image(PROMPTS[family], {
+            "modelId": model, "width": arguments.width, "height": arguments.height,
+            "numInferenceSteps": arguments.steps, "seed": arguments.seed,
+        })
+        path = arguments.out / f"{model}.png"
+        path.write_bytes(base64.b64decode(result["image"]))
+        print(f"{path}  {result['width']}x{result['height']}  seed {result['seed']}  "
+              f"{time.monotonic() - begun:.2f} s", flush=True)
+
+    bob_cap = alice_cap.delegate({"allowed_models": ["tiny-sd15"], "max_width": 256, "max_height": 256,
+                                  "max_steps": 8}).give("bob")
+    print(f"alice delegated {bob_cap.id} (tiny-sd15 only, up to 256x256, 8 steps) and gave it to bob")
+    result = bob_cap.text_to_image("a small red boat", {"width": 128, "height": 128, "numInferenceSteps": 4})
+    print(f"bob generated {result['width']}x{result['height']} with {result['model']}")
+    for options in ({"modelId": "tiny-flux", "width": 128, "height": 128, "numInferenceSteps": 4},
+                    {"width": 512, "height": 512, "numInferenceSteps": 4}):
+        try:
+            bob_cap.text_to_image("a small red boat", options)
+        except DeniedError as refusal:
+            print(f"bob refused, as he should be: {refusal}")
 
 
 if __name__ == "__main__":
