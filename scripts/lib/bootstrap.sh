@@ -60,11 +60,13 @@ bootstrap_py310() {
   wanted=$(_wanted_stamp)
   [[ -x $venv/bin/python && -f $venv/.bootstrap-stamp && $(cat "$venv/.bootstrap-stamp") == "$wanted" ]] && return 0
   "$1" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    $("$PYTHON" -c 'import sys, tomllib
+  local requirements="$venv/requirements.txt"
+  "$PYTHON" -c 'import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 wanted = ("numpy", "pytest", "psutil", "pillow")
-print(" ".join(d for d in project["dependencies"] + project["optional-dependencies"]["dev"] if d.split("=")[0] in wanted))' "$ROOT/pyproject.toml")
+pins = project["dependencies"] + project["optional-dependencies"]["dev"]
+print("\n".join(pin for pin in pins if pin.split("=")[0] in wanted))' "$ROOT/pyproject.toml" > "$requirements"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   echo "$wanted" > "$venv/.bootstrap-stamp"
 }
 
