@@ -16,6 +16,7 @@ from typing import Any
 
 from triton_launcher import contract
 from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
+from triton_launcher.server import state_dir_problem
 
 from .capabilities import canonical_server_url
 from .errors import GenerationError, ModelNotServedError, ServerUnavailableError, UnknownServerError
@@ -64,8 +65,11 @@ class ServerKeys:
         return url
 
     def _local_key(self, url: str) -> str | None:
-        if self.state_dir is None:
+        if self.state_dir is None or not self.state_dir.is_dir():
             return None
+        problem = state_dir_problem(self.state_dir)
+        if problem:  # whoever could write server.json could have the key sent to a server of theirs
+            raise UnknownServerError(problem)
         try:
             description = json.loads((self.state_dir / SERVER_FILE).read_text(encoding="utf-8"))
             if canonical_server_url(str(description.get("url", ""))) != url:

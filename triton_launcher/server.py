@@ -154,14 +154,21 @@ def prepare_state_dir(state_dir: Path) -> None:
     if not state_dir.exists():
         state_dir.mkdir(mode=0o700, parents=True)
         return
+    problem = state_dir_problem(state_dir)
+    if problem:
+        raise ServerStartError(problem)
+
+
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why ``state_dir`` cannot be trusted with a key (None if it can): it must be a directory of this user
+    that nobody else can write to."""
     status = state_dir.stat()
     if not stat.S_ISDIR(status.st_mode):
-        raise ServerStartError(f"state dir {state_dir} is not a directory")
+        return f"state dir {state_dir} is not a directory"
     if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ServerStartError(
-            f"state dir {state_dir} (mode {stat.S_IMODE(status.st_mode):o}) must belong to this user and be "
-            "writable by it alone: others could replace server.json or the key; use a private directory"
-        )
+        return (f"state dir {state_dir} (mode {stat.S_IMODE(status.st_mode):o}) must belong to this user and be "
+                "writable by it alone: others could replace server.json or the key; use a private directory")
+    return None
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

@@ -94,3 +94,19 @@ def test_check_grant_refuses_options_beyond_the_capability(grant: Any, options: 
 
 def test_check_grant_picks_the_default_model_when_none_is_asked_for(grant: Any) -> None:
     assert check_grant(grant, parse_options({"width": 256, "height": 256, "numInferenceSteps": 4})) == "tiny-sd15"
+
+
+def test_server_keys_refuse_a_state_dir_others_can_write_when_looking_up_the_local_key(tmp_path: Path) -> None:
+    from capability.errors import UnknownServerError
+    from capability.servers import ServerKeys
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "server.json").write_text('{"url": "http://127.0.0.1:8000"}')
+    (state_dir / "infer-key").write_text("key\n")
+    keys = ServerKeys(Store(tmp_path / STORE_FILE), state_dir)
+    state_dir.chmod(0o700)
+    assert keys.key_for("http://127.0.0.1:8000") == "key"
+    state_dir.chmod(0o777)
+    with pytest.raises(UnknownServerError, match="must belong to this user and be writable by it alone"):
+        keys.key_for("http://127.0.0.1:8000")
