@@ -157,9 +157,9 @@ def _list(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
 
 def _audit(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
     entries = capabilities.audit_log(arguments.entity, arguments.cap)
-    lines = [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(entry['at']))} {entry['entity']} "
-             f"{entry['action']} {entry['outcome']} {entry['model'] or ''} {entry['detail'] or ''}".rstrip()
-             for entry in entries]
+    lines = [" ".join(str(part) for part in (
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"])), entry["entity"], entry["action"],
+        entry["outcome"], entry["model"], entry["detail"]) if part) for entry in entries]
     return entries, "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startups", type=int, default=3, help="timed launches of scripts/serve --tiny")
     parser.add_argument("--side", type=int, default=256, help="image width and height (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--png", action="store_true", help="only compare PNG encoders (no server)")
     arguments = parser.parse_args(argv)
+    if arguments.png:
+        png_encoders(arguments.iterations)
+        return 0
 
     from diffusers_backend.loading import Placement
     from diffusers_backend.service import DiffusersService
@@ -105,6 +110,37 @@ def main(argv: list[str] | None = None) -> int:
                       f"{triton_median / local_median:.2f} |", flush=True)
             capability_overhead(server, client, request, arguments.iterations)
     return 0
+
+
+def png_encoders(iterations: int) -> None:
+    """capability/png.py against Pillow's default PNG writer, on noise (what the tiny models make) and on a
+    smooth, photo-like gradient with grain."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from capability.png import encode_png
+
+    def pillow(image: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    generator = np.random.default_rng(0)
+    print("| image | Pillow default | capability/png.py | speed-up | size, Pillow → ours |")
+    print("|---|---|---|---|---|")
+    for side in (256, 512, 1024):
+        ramp = np.linspace(0, 255, side)
+        smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,
+                           np.outer(np.sin(ramp / 40) + 1, np.ones(side)) * 100], axis=-1)
+        photo_like = np.clip(smooth + generator.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
+        noise = generator.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        for name, image in (("noise", noise), ("photo-like", photo_like)):
+            samples = timed_side_by_side(partial(pillow, image), partial(encode_png, image), iterations)
+            theirs, ours = statistics.median(samples[0]), statistics.median(samples[1])
+            print(f"| {name} {side}² | {theirs * 1000:.1f} ms | {ours * 1000:.1f} ms | {theirs / ours:.1f}x | "
+                  f"{len(pillow(image)) // 1024} → {len(encode_png(image)) // 1024} KiB |", flush=True)
 
 
 def capability_overhead(server: TritonServer, client: Any, request: contract.TextToImage, iterations: int) -> None:

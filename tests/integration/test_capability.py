@@ -17,6 +17,7 @@ from PIL import Image
 from capability import (
     CapabilityHandle,
     CapabilityLayer,
+    ConcurrencyLimitError,
     DeniedError,
     GenerationError,
     ModelNotServedError,
@@ -152,3 +153,20 @@ def test_cli_mints_delegates_generates_and_refuses_when_used_as_documented(
     audit = json.loads(run_cli("audit", *state, "--as", "bob", "--cap", child, "--json").stdout)
     assert [(entry["action"], entry["outcome"]) for entry in audit] == [
         ("delegate", "ok"), ("give", "ok"), ("generate", "ok"), ("generate", "denied"), ("delegate", "denied")]
+
+
+def test_generation_beyond_max_concurrent_is_refused_while_a_delegate_holds_the_slot(
+    layer: CapabilityLayer, authority: str, tiny_server: TritonServer
+) -> None:
+    parent = mint(layer, authority, tiny_server, default_model="tiny-sd15", max_concurrent=1)
+    child = parent.delegate({"max_concurrent": 1})
+    options = {"width": 64, "height": 64, "numInferenceSteps": 1}
+    # A generation in flight under the child (another process would hold the same row in the shared store).
+    lease = layer.capabilities.acquire_slot(layer.capabilities.authorize("alice", child.id))
+    with pytest.raises(ConcurrencyLimitError, match="allows 1 concurrent generation"):
+        parent.text_to_image("a cat", options)
+    layer.capabilities.release_slot(lease)
+    assert parent.text_to_image("a cat", options)["width"] == 64
+    outcomes = [entry["outcome"] for entry in layer.capabilities.audit_log("alice", parent.id)
+                if entry["action"] == "generate"]
+    assert outcomes == ["denied", "ok"]
