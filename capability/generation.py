@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusers_backend.settings import DEFAULT_MAX_PROMPT_BYTES
+from diffusers_backend.validation import MAX_SEED
 from triton_launcher import contract
 
 from .capabilities import LEASE_SECONDS, Capabilities, Grant
@@ -30,8 +32,7 @@ SIZE_MULTIPLE = 8
 MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_GUIDANCE_SCALE = 100.0
-MAX_PROMPT_BYTES = 4096
-MAX_SEED = 2**63 - 1
+MAX_PROMPT_BYTES = DEFAULT_MAX_PROMPT_BYTES
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ModelConfigError
 
 TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_MAX_PROMPT_BYTES = 4096
+"""Longest prompt accepted by default, in UTF-8 bytes (the capability layer applies the same bound)."""
 MAX_T5_SEQUENCE_LENGTH = 512
 """diffusers' SD3 and FLUX pipelines refuse a longer max_sequence_length (their check_inputs)."""
 
@@ -42,7 +44,7 @@ class ModelSettings:
     max_height: int = 2048
     max_steps: int = 100
     max_guidance_scale: float = 30.0
-    max_prompt_bytes: int = 4096
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_sequence_length: int | None = None
     """T5 tokens for SD3/FLUX; None: the family's default."""
     true_cfg_scale: float = 1.0

@@ -110,3 +110,13 @@ def test_server_keys_refuse_a_state_dir_others_can_write_when_looking_up_the_loc
     state_dir.chmod(0o777)
     with pytest.raises(UnknownServerError, match="must belong to this user and be writable by it alone"):
         keys.key_for("http://127.0.0.1:8000")
+
+
+def test_capability_package_imports_neither_torch_nor_diffusers_when_embedded() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, capability, capability.__main__; "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
