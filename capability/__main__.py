@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": type(error).__name__, "message": str(error)}))
         print(f"refused: {error}", file=sys.stderr)
         return 1
-    except OSError as error:
+    except (OSError, sqlite3.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if arguments.json else text)

@@ -13,10 +13,12 @@ is the host application's job.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -132,19 +134,43 @@ class GenerateParams:
 
 def canonical_server_url(url: str) -> str:
     """``http(s)://host:port`` with a lower-case host and an explicit port: keys are bound to this form."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
+    try:
+        parts = urlsplit(url.strip())
+        hostname = parts.hostname
+    except ValueError as error:
+        raise InvalidParamsError(f"server_url {url!r} is invalid: {error}") from None
+    if parts.scheme not in {"http", "https"} or not hostname:
         raise InvalidParamsError(f"server_url {url!r} is invalid: must look like http://127.0.0.1:8000")
     if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username or parts.password:
         raise InvalidParamsError(f"server_url {url!r} is invalid: only scheme, host and port are allowed")
+    if not _NETLOC.fullmatch(parts.netloc):  # urlsplit itself is lenient, e.g. with "[::1]x:80"
+        raise InvalidParamsError(f"server_url {url!r} is invalid: {parts.netloc!r} is not host[:port]")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
-        raise InvalidParamsError(f"server_url {url!r} is invalid: bad port") from None
-    host = parts.hostname.lower()
+        port = 0
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    if not 1 <= port <= 65535:
+        raise InvalidParamsError(f"server_url {url!r} is invalid: the port must be 1 to 65535")
+    host = hostname.lower()
+    if not _valid_host(host, bracketed=parts.netloc.rsplit("@", 1)[-1].startswith("[")):
+        raise InvalidParamsError(f"server_url {url!r} is invalid: {host!r} is not a host name or IP address")
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}"
+
+
+_NETLOC = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:@/]+)(:[0-9]+)?")
+_HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _valid_host(host: str, bracketed: bool) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return not bracketed and len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    return bracketed == (address.version == 6)
 
 
 def _model_list(value: Any) -> tuple[str, ...] | None:
@@ -224,12 +250,13 @@ class Capabilities:
 
     def mint(self, entity: str, authority_id: str, params: Mapping[str, Any],
              capability_type: str = GENERATE) -> Capability:
-        check_entity(entity)
-        if capability_type != GENERATE:
-            raise InvalidParamsError(f"type {capability_type!r} cannot be minted: only {GENERATE!r} is known")
         now = self.clock()
-        generate = GenerateParams.parse(params)
-        expires_at = parse_expiry(params.get("expires_at"), now)
+        with self._recording_denials(entity, authority_id, "mint"):
+            check_entity(entity)
+            if capability_type != GENERATE:
+                raise InvalidParamsError(f"type {capability_type!r} cannot be minted: only {GENERATE!r} is known")
+            generate = GenerateParams.parse(params)
+            expires_at = parse_expiry(params.get("expires_at"), now)
         with self._recording_denials(entity, authority_id, "mint"), self.store.write() as db:
             authority = self._held(db, entity, authority_id, "mint with")
             self._check_usable(authority, now)
@@ -263,11 +290,21 @@ class Capabilities:
 
     def give(self, entity: str, capability_id: str, recipient: str) -> Capability:
         """Move ownership to ``recipient``: the giver can no longer use, delegate or give it."""
-        check_entity(recipient, "recipient")
         now = self.clock()
         with self._recording_denials(entity, capability_id, "give"), self.store.write() as db:
+            check_entity(recipient, "recipient")
             capability = self._held(db, entity, capability_id, "give")
             self._check_usable(capability, now)
+            kept = [row["id"] for row in db.execute(
+                """WITH RECURSIVE below(id) AS (
+                       SELECT id FROM capabilities WHERE parent_id = ?
+                       UNION SELECT c.id FROM capabilities c JOIN below b ON c.parent_id = b.id)
+                   SELECT c.id FROM capabilities c JOIN below b ON c.id = b.id
+                   WHERE c.owner = ? AND c.revoked_at IS NULL""", (capability_id, entity))]
+            if kept:
+                # Otherwise the giver would keep the same rights through a copy delegated to itself.
+                raise DeniedError(f"cannot give capability {capability_id!r} while {entity!r} holds capabilities "
+                                  f"delegated from it ({', '.join(kept)}): revoke or give those first")
             db.execute("UPDATE capabilities SET owner = ? WHERE id = ?", (recipient, capability_id))
             self._audit(db, entity, capability_id, "give", "ok", detail=f"to {recipient}")
             return self._load(db, capability_id)
@@ -293,7 +330,8 @@ class Capabilities:
     # --- reading -----------------------------------------------------------------------------------------
 
     def show(self, entity: str, capability_id: str) -> Capability:
-        return self._held(self.store.read(), entity, capability_id, "show")
+        with self._recording_denials(entity, capability_id, "show"):
+            return self._held(self.store.read(), entity, capability_id, "show")
 
     def owned(self, entity: str) -> list[Capability]:
         rows = self.store.read().execute(
@@ -304,8 +342,9 @@ class Capabilities:
         """Uses and denials recorded for a capability ``entity`` holds (or one below it)."""
         db = self.store.read()
         capability = self._find(db, capability_id)
-        if capability is None or entity not in {link.owner for link in self._chain(db, capability)}:
-            raise DeniedError(f"capability {capability_id!r} is not held by {entity!r}")
+        with self._recording_denials(entity, capability_id, "audit"):
+            if capability is None or entity not in {link.owner for link in self._chain(db, capability)}:
+                raise DeniedError(f"capability {capability_id!r} is not held by {entity!r}")
         rows = db.execute("SELECT * FROM audit WHERE capability_id = ? ORDER BY id", (capability_id,))
         return [dict(row) for row in rows]
 
@@ -328,45 +367,55 @@ class Capabilities:
             self._audit(db, entity, capability_id, action, outcome, model=model, width=width, height=height,
                         steps=steps, detail=detail)
 
-    def acquire_slot(self, grant: Grant) -> str:
-        """Take one concurrency slot counted against every capability of the chain; refuse when one is full.
+    def acquire_slot(self, entity: str, capability_id: str) -> str:
+        """Re-check the grant and take one concurrency slot counted against every capability of its chain.
 
-        The rule: an excess generation is refused at once (it does not queue). Slots are leases that expire
-        after :data:`LEASE_SECONDS` unless renewed, so a holder that dies frees its slot by then.
+        Both happen in one write transaction, just before the server call: a revocation, expiry or give that
+        came after :meth:`authorize` is seen here. The rule: an excess generation is refused at once (it does
+        not queue). Slots are leases that expire after :data:`LEASE_SECONDS` unless renewed, so a holder that
+        dies frees its slot by then.
         """
         now = self.clock()
-        budgets = [link for link in grant.chain if link.type == GENERATE]
         with self.store.write() as db:
-            expired = [row["id"] for row in db.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
-            db.executemany("DELETE FROM leases WHERE id = ?", [(lease,) for lease in expired])
-            for link in budgets:
-                limit = link.params.get("max_concurrent")
-                if limit is None:
-                    continue
-                (in_use,) = db.execute("SELECT COUNT(*) FROM lease_budgets WHERE capability_id = ?",
-                                       (link.id,)).fetchone()
-                if in_use >= limit:
-                    raise ConcurrencyLimitError(
-                        f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
-                        f"delegates, and {in_use} are running; retry when one finishes"
-                    )
+            grant = self._grant(db, entity, capability_id, now, "use")
             lease = "lease_" + secrets.token_urlsafe(16)
-            db.execute("INSERT INTO leases (id, capability_id, holder, acquired_at, expires_at) VALUES (?,?,?,?,?)",
-                       (lease, grant.capability.id, f"{socket.gethostname()}:{os.getpid()}", now,
-                        now + LEASE_SECONDS))
-            db.executemany("INSERT INTO lease_budgets (lease_id, capability_id) VALUES (?, ?)",
-                           [(lease, link.id) for link in budgets])
+            self._take_slot(db, lease, grant, now)
             return lease
 
-    def renew_slot(self, lease: str) -> None:
+    def renew_slot(self, entity: str, capability_id: str, lease: str) -> None:
+        """Extend a lease. One that was reaped meanwhile (its holder stalled past its expiry) is taken again
+        if the budget still has room; otherwise ConcurrencyLimitError says the slot is lost."""
+        now = self.clock()
         with self.store.write() as db:
-            db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (self.clock() + LEASE_SECONDS, lease))
+            renewed = db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + LEASE_SECONDS, lease))
+            if renewed.rowcount == 0:
+                self._take_slot(db, lease, self._grant(db, entity, capability_id, now, "use"), now)
 
     def release_slot(self, lease: str) -> None:
         with self.store.write() as db:
             db.execute("DELETE FROM leases WHERE id = ?", (lease,))
 
     # --- internals -----------------------------------------------------------------------------------------------
+
+    def _take_slot(self, db: sqlite3.Connection, lease: str, grant: Grant, now: float) -> None:
+        budgets = [link for link in grant.chain if link.type == GENERATE]
+        expired = [row["id"] for row in db.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
+        db.executemany("DELETE FROM leases WHERE id = ?", [(old,) for old in expired])
+        for link in budgets:
+            limit = link.params.get("max_concurrent")
+            if limit is None:
+                continue
+            (in_use,) = db.execute("SELECT COUNT(*) FROM lease_budgets WHERE capability_id = ?",
+                                   (link.id,)).fetchone()
+            if in_use >= limit:
+                raise ConcurrencyLimitError(
+                    f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
+                    f"delegates, and {in_use} are running; retry when one finishes"
+                )
+        db.execute("INSERT INTO leases (id, capability_id, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                   (lease, grant.capability.id, f"{socket.gethostname()}:{os.getpid()}", now, now + LEASE_SECONDS))
+        db.executemany("INSERT INTO lease_budgets (lease_id, capability_id) VALUES (?, ?)",
+                       [(lease, link.id) for link in budgets])
 
     @contextlib.contextmanager
     def _recording_denials(self, entity: str, capability_id: str, action: str) -> Iterator[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,10 @@ from .png import encode_png_base64
 from .servers import ServerKeys, TritonGateway
 from .store import Store
 
+logger = logging.getLogger(__name__)
+
 OPTION_NAMES = ("width", "height", "numInferenceSteps", "guidanceScale", "negativePrompt", "seed", "modelId")
+MAX_MODEL_ID_LENGTH = 256
 SIZE_MULTIPLE = 8
 """The smallest size multiple of any served family; the server applies its family's own (16 for SD3/FLUX)."""
 MAX_SIDE = 4096
@@ -89,8 +93,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if negative is not None:
         negative = check_prompt(negative, "negativePrompt")
     model_id = options.get("modelId")
-    if model_id is not None and (not isinstance(model_id, str) or not model_id.strip()):
-        raise InvalidOptionError("modelId", model_id, "must be a non-empty model id string")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id.strip()
+                                 or len(model_id) > MAX_MODEL_ID_LENGTH or not model_id.isprintable()):
+        raise InvalidOptionError("modelId", model_id, f"must be a model id: printable, 1 to {MAX_MODEL_ID_LENGTH} "
+                                 "characters")
     return Options(width=width, height=height, steps=steps, guidance_scale=guidance, negative_prompt=negative,
                    seed=seed, model_id=model_id)
 
@@ -170,7 +176,7 @@ class TextToImage:
                 height=checked.height, num_inference_steps=checked.steps, guidance_scale=checked.guidance_scale,
                 seed=checked.seed,
             )
-            with self._slot(grant):
+            with self._slot(entity, capability_id):
                 generated = gateway.generate(triton_model, request)
             height, width, _ = generated.image.shape
             result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
@@ -179,20 +185,27 @@ class TextToImage:
             outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
             self.capabilities.record(entity, capability_id, "generate", outcome, detail=str(error), **audit)
             raise
+        except Exception as error:
+            self.capabilities.record(entity, capability_id, "generate", "failed",
+                                     detail=f"{type(error).__name__}: {error}", **audit)
+            raise
         self.capabilities.record(entity, capability_id, "generate", "ok", model=model_id, width=width,
                                  height=height, steps=checked.steps)
         return result
 
     @contextlib.contextmanager
-    def _slot(self, grant: Grant) -> Iterator[None]:
-        """Hold a concurrency slot for the duration, renewing its lease so that only a dead holder loses it."""
-        lease = self.capabilities.acquire_slot(grant)
+    def _slot(self, entity: str, capability_id: str) -> Iterator[None]:
+        """Re-check the grant and hold a concurrency slot for the duration, renewing its lease so that only a
+        dead holder loses it."""
+        lease = self.capabilities.acquire_slot(entity, capability_id)
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(LEASE_SECONDS / 3):
-                with contextlib.suppress(CapabilityError):
-                    self.capabilities.renew_slot(lease)
+                try:
+                    self.capabilities.renew_slot(entity, capability_id, lease)
+                except Exception:  # the generation cannot be stopped from here: say so, keep trying
+                    logger.warning("lease %s of %s could not be renewed", lease, capability_id, exc_info=True)
 
         renewer = threading.Thread(target=renew, name=f"lease-{lease[:12]}", daemon=True)
         renewer.start()

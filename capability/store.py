@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from triton_launcher.server import state_dir_problem
+
 from .errors import StoreError
 
 STORE_FILE = "capabilities.sqlite3"
@@ -89,18 +91,26 @@ class Store:
         self._migrate()
 
     def _create_private_file(self) -> None:
+        """The store holds server keys and rights: its directory and files must be this user's alone.
+
+        Created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the database's mode); a
+        symbolic link, a file of another user, or a journal someone else planted is refused.
+        """
+        directory = self.path.parent
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created 0600 before SQLite opens it: the store holds server keys. SQLite gives its -wal and -shm
-            # files the database file's permissions.
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True)
+            problem = state_dir_problem(directory)
+            if problem:
+                raise StoreError(f"capability store: {problem}")
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             os.close(descriptor)
+            for path in (self.path, self.path.with_name(self.path.name + "-wal"),
+                         self.path.with_name(self.path.name + "-shm")):
+                if path.exists() or path.is_symlink():
+                    _check_private(path)
         except OSError as error:
-            raise StoreError(f"cannot create the capability store {self.path}: {error.strerror}") from error
-        mode = stat.S_IMODE(self.path.stat().st_mode)
-        if mode & 0o077:
-            raise StoreError(f"capability store {self.path} has mode {mode:o}: it must be readable by its owner only "
-                             f"(chmod 600 {self.path})")
+            raise StoreError(f"cannot open the capability store {self.path}: {error.strerror or error}") from error
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""
@@ -166,6 +176,16 @@ class Store:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+
+
+def _check_private(path: Path) -> None:
+    status = path.lstat()
+    if stat.S_ISLNK(status.st_mode) or not stat.S_ISREG(status.st_mode):
+        raise StoreError(f"capability store file {path} is not a regular file")
+    mode = stat.S_IMODE(status.st_mode)
+    if status.st_uid != os.getuid() or mode & 0o077:
+        raise StoreError(f"capability store file {path} (mode {mode:o}) must belong to this user and be readable "
+                         f"by it alone (chmod 600 {path})")
 
 
 def _statements(script: str) -> list[str]:

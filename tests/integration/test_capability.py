@@ -162,7 +162,7 @@ def test_generation_beyond_max_concurrent_is_refused_while_a_delegate_holds_the_
     child = parent.delegate({"max_concurrent": 1})
     options = {"width": 64, "height": 64, "numInferenceSteps": 1}
     # A generation in flight under the child (another process would hold the same row in the shared store).
-    lease = layer.capabilities.acquire_slot(layer.capabilities.authorize("alice", child.id))
+    lease = layer.capabilities.acquire_slot("alice", child.id)
     with pytest.raises(ConcurrencyLimitError, match="allows 1 concurrent generation"):
         parent.text_to_image("a cat", options)
     layer.capabilities.release_slot(lease)

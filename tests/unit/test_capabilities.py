@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from capability.capabilities import Capabilities, GenerateParams, canonical_server_url
-from capability.errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
+from capability.errors import ConcurrencyLimitError, DeniedError, InvalidParamsError, StoreError
 from capability.store import STORE_FILE, Store
 
 SERVER = "http://127.0.0.1:8000"
@@ -233,22 +233,22 @@ def test_an_edited_row_cannot_widen_a_capability_when_its_chain_is_rechecked(
 def test_concurrency_budget_is_shared_by_a_capability_and_its_delegates(caps: Capabilities, authority: str) -> None:
     parent = minted(caps, authority, max_concurrent=2)
     children = [caps.delegate("admin", parent, {"max_concurrent": 2}).id for _ in range(2)]
-    leases = [caps.acquire_slot(caps.authorize("admin", child)) for child in children]
+    leases = [caps.acquire_slot("admin", child) for child in children]
     with pytest.raises(ConcurrencyLimitError, match=f"{parent}.*allows 2 concurrent"):
-        caps.acquire_slot(caps.authorize("admin", parent))
+        caps.acquire_slot("admin", parent)
     caps.release_slot(leases[0])
-    assert caps.acquire_slot(caps.authorize("admin", parent))
+    assert caps.acquire_slot("admin", parent)
 
 
 def test_a_dead_holders_slot_is_freed_when_its_lease_expires(
     caps: Capabilities, authority: str, clock: Clock
 ) -> None:
     capability = minted(caps, authority, max_concurrent=1)
-    caps.acquire_slot(caps.authorize("admin", capability))  # never released: its holder "died"
+    caps.acquire_slot("admin", capability)  # never released: its holder "died"
     with pytest.raises(ConcurrencyLimitError):
-        caps.acquire_slot(caps.authorize("admin", capability))
+        caps.acquire_slot("admin", capability)
     clock.now += 31
-    assert caps.acquire_slot(caps.authorize("admin", capability))
+    assert caps.acquire_slot("admin", capability)
 
 
 def test_every_use_and_denial_is_recorded_when_they_happen(caps: Capabilities, authority: str) -> None:
@@ -287,7 +287,7 @@ def test_store_refuses_a_file_others_can_read(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
     path.touch()
     path.chmod(0o644)
-    with pytest.raises(Exception, match="must be readable by its owner only"):
+    with pytest.raises(StoreError, match=r"\(mode 644\) must belong to this user and be readable by it alone"):
         Store(path)
 
 
@@ -298,3 +298,76 @@ def test_store_refuses_a_newer_schema_when_opened_by_older_code(tmp_path: Path) 
         connection.execute("PRAGMA user_version=99")
     with pytest.raises(Exception, match="schema version 99, newer than this code's 1"):
         Store(path)
+
+
+def test_store_refuses_a_directory_others_can_write_to(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(Exception, match="writable by it alone"):
+        Store(shared / STORE_FILE)
+
+
+def test_store_refuses_a_journal_planted_with_open_permissions(tmp_path: Path) -> None:
+    planted = tmp_path / (STORE_FILE + "-wal")
+    planted.touch()
+    planted.chmod(0o666)
+    with pytest.raises(Exception, match="readable by it alone"):
+        Store(tmp_path / STORE_FILE)
+
+
+def test_store_refuses_a_symbolic_link_in_place_of_the_file(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").touch()
+    (tmp_path / STORE_FILE).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="cannot open the capability store"):
+        Store(tmp_path / STORE_FILE)
+
+
+def test_slot_is_refused_when_the_capability_was_revoked_after_it_was_authorized(
+    caps: Capabilities, authority: str
+) -> None:
+    capability = minted(caps, authority)
+    caps.authorize("admin", capability)
+    caps.revoke("admin", capability)
+    with pytest.raises(DeniedError, match="is revoked"):
+        caps.acquire_slot("admin", capability)
+
+
+def test_renewing_a_reaped_lease_takes_the_slot_again_or_says_it_is_lost(
+    caps: Capabilities, authority: str, clock: Clock
+) -> None:
+    capability = minted(caps, authority, max_concurrent=1)
+    stalled = caps.acquire_slot("admin", capability)
+    clock.now += 31
+    caps.renew_slot("admin", capability, stalled)  # reaped by nobody yet: taken again
+    clock.now += 31
+    other = caps.acquire_slot("admin", capability)  # reaps the stalled lease
+    with pytest.raises(ConcurrencyLimitError):
+        caps.renew_slot("admin", capability, stalled)
+    caps.release_slot(other)
+
+
+def test_give_is_refused_while_the_giver_keeps_a_delegated_copy(caps: Capabilities, store: Store,
+                                                                 authority: str) -> None:
+    capability = minted(caps, authority)
+    kept = caps.delegate("admin", capability, {}).id
+    before = snapshot(store)
+    with pytest.raises(DeniedError, match=f"while 'admin' holds capabilities delegated from it \\({kept}\\)"):
+        caps.give("admin", capability, "bob")
+    assert snapshot(store) == before
+    caps.give("admin", kept, "carol")
+    assert caps.give("admin", capability, "bob").owner == "bob"
+
+
+def test_refused_mint_parameters_are_audited_against_the_authority(caps: Capabilities, authority: str) -> None:
+    with pytest.raises(InvalidParamsError):
+        caps.mint("admin", authority, {"server_url": SERVER})
+    assert caps.audit_log("admin", authority)[-1]["action"] == "mint"
+    assert caps.audit_log("admin", authority)[-1]["outcome"] == "denied"
+
+
+@pytest.mark.parametrize("url", ["http://host:0", "http://a b:8000", "http://[::1]x:80", "http://%41:80",
+                                 "http://[127.0.0.1]:80", "http://-bad-.example:80"])
+def test_canonical_server_url_refuses_malformed_hosts_and_ports(url: str) -> None:
+    with pytest.raises(InvalidParamsError, match="server_url"):
+        canonical_server_url(url)

@@ -20,7 +20,7 @@ SERVER = "http://127.0.0.1:8000"
 def _contend(path: Path, capability_id: str, attempted: Any, results: Any) -> None:
     capabilities = Capabilities(Store(path))
     try:
-        lease: str | None = capabilities.acquire_slot(capabilities.authorize("admin", capability_id))
+        lease: str | None = capabilities.acquire_slot("admin", capability_id)
         results.put("acquired")
     except ConcurrencyLimitError:
         lease = None

@@ -31,7 +31,9 @@ from capability.store import STORE_FILE, Store
         ({"seed": -1}, "seed", "between 0 and"),
         ({"seed": 2**63}, "seed", "between 0 and"),
         ({"negativePrompt": "a\x00b"}, "negativePrompt", "NUL"),
-        ({"modelId": ""}, "modelId", "non-empty model id"),
+        ({"modelId": ""}, "modelId", "must be a model id"),
+        ({"modelId": "m" * 5_000_000}, "modelId", "1 to 256 characters"),
+        ({"modelId": "a\x00b"}, "modelId", "printable"),
     ],
 )
 def test_parse_options_names_option_value_and_rule_when_an_option_is_bad(
