@@ -23,7 +23,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -513,6 +513,3 @@ class Capabilities:
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
-
-def ids(capabilities: Iterable[Capability]) -> list[str]:
-    return [capability.id for capability in capabilities]

@@ -33,10 +33,12 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .families import FAMILIES
+
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-TINY_FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
+TINY_FAMILIES: tuple[str, ...] = tuple(family.name for family in FAMILIES)
 
 # Written inside every cached folder; its presence with a matching fingerprint
 # is what marks the folder as a complete build.

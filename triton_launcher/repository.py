@@ -12,11 +12,13 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from diffusers_backend.families import FAMILIES
+
 from .paths import MODEL_REPOSITORY, TINY_PIPELINES, TINY_REPOSITORY
 
 TINY_PREFIX = "tiny-"
-FAMILY_MODELS = ("sd15", "sdxl", "sd3", "flux")
-"""Triton model names of the real repository: one per family."""
+FAMILY_MODELS = tuple(family.name for family in FAMILIES)
+"""Triton model names of the real repository: one per family, named after it."""
 
 # config.pbtxt keeps one parameter per line in this form, so it can be read and rewritten without protobuf.
 _PARAMETER = re.compile(r'^(?P<indent>\s*)\{ key: "(?P<key>[^"]+)" value: \{ string_value: "(?P<value>[^"]*)" \} \}'
