@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=256, help="image width and height (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
     parser.add_argument("--png", action="store_true", help="only compare PNG encoders (no server)")
+    parser.add_argument("--suite", action="store_true",
+                        help="latency and throughput at concurrency 1-8 on every path (bench/results.json)")
+    parser.add_argument("--quick", action="store_true", help="with --suite: fewer requests per level")
     arguments = parser.parse_args(argv)
+    if arguments.suite:
+        from .loadtest import main_suite
+
+        return main_suite(arguments.quick, arguments.side, arguments.steps)
     if arguments.png:
         png_encoders(arguments.iterations)
         return 0
