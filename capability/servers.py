@@ -25,6 +25,7 @@ from .store import Store
 CLIENT_TIMEOUT_S = 900.0
 """Generations take seconds to minutes; tritonclient's default of 60 s would cut long ones off."""
 MODEL_MAP_TTL_S = 30.0
+UNKNOWN_MODEL_REFETCH_S = 2.0
 
 # The server's field names, as the camelCase options they come from, for error messages.
 OPTION_OF_INPUT = {
@@ -107,8 +108,11 @@ class TritonGateway:
     def resolve(self, model_id: str) -> str:
         """The Triton model that serves ``model_id`` (its config parameter), refreshed when unknown."""
         models = self._models
-        if models is None or time.monotonic() - models.fetched_at > MODEL_MAP_TTL_S \
-                or model_id not in models.by_model_id:
+        age = None if models is None else time.monotonic() - models.fetched_at
+        # Refetch when stale, or for an unknown id if the map is not brand new (a model may have just been
+        # added), but not on every request naming a model that does not exist.
+        if models is None or age is None or age > MODEL_MAP_TTL_S or (
+                model_id not in models.by_model_id and age > UNKNOWN_MODEL_REFETCH_S):
             models = self._models = self._fetch_models()
         try:
             return models.by_model_id[model_id]
