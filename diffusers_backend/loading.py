@@ -146,6 +146,8 @@ def load_pipeline(settings: ModelSettings, placement: Placement, folder: Path, t
             "instance_group { kind: KIND_CPU } or run on a GPU machine"
         )
     dtype = torch_dtype(settings.torch_dtype_name(placement.on_gpu))
+    if not placement.on_gpu and settings.cpu_threads is not None:
+        torch.set_num_threads(settings.cpu_threads)  # each Triton instance is a process of its own
     pipeline_class = getattr(diffusers, traits.family.pipeline_class)
     logger.info(
         "loading %s (%s) from %s as %s on %s",

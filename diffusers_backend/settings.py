@@ -49,6 +49,9 @@ class ModelSettings:
     """T5 tokens for SD3/FLUX; None: the family's default."""
     true_cfg_scale: float = 1.0
     """FLUX only: > 1 enables true classifier-free guidance, and with it NEGATIVE_PROMPT (two passes a step)."""
+    cpu_threads: int | None = None
+    """torch intra-op threads of each CPU instance; None: torch's default (every core). With several
+    instances on one CPU, give each its share."""
 
     @property
     def source(self) -> str:
@@ -82,7 +85,7 @@ class ModelSettings:
             if value not in TORCH_DTYPE_NAMES:
                 raise ModelConfigError(f"parameter {key}={value!r} is invalid: must be one of {TORCH_DTYPE_NAMES}")
         for key in ("default_width", "default_height", "default_steps", "max_width", "max_height",
-                    "max_steps", "max_prompt_bytes", "max_sequence_length"):
+                    "max_steps", "max_prompt_bytes", "max_sequence_length", "cpu_threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ModelConfigError(f"parameter {key}={value} is invalid: must be a positive integer")
@@ -157,4 +160,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_prompt_bytes": _integer,
     "max_sequence_length": _optional_integer,
     "true_cfg_scale": _number,
+    "cpu_threads": _optional_integer,
 }

@@ -64,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="store_true",
                         help="latency and throughput at concurrency 1-8 on every path (bench/results.json)")
     parser.add_argument("--quick", action="store_true", help="with --suite: fewer requests per level")
+    parser.add_argument("--knobs", action="store_true",
+                        help="tiny-sd15 through Triton under several instance counts and CPU thread settings")
     arguments = parser.parse_args(argv)
+    if arguments.knobs:
+        from .loadtest import knob_sweep
+
+        return knob_sweep(side=arguments.side, steps=arguments.steps)
     if arguments.suite:
         from .loadtest import main_suite
 

@@ -289,6 +289,54 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"| {model} | " + " | ".join(f"{value:.2f}" for value in entry["ratios"].values()) + " |")
 
 
+KNOB_SETTINGS = {
+    "1 instance, torch default threads": (1, None),
+    "1 instance, 1 thread": (1, 1),
+    "2 instances, 1 thread each": (2, 1),
+    "2 instances, default threads each": (2, None),
+}
+"""Instance count and ``cpu_threads`` combinations tried by :func:`knob_sweep`."""
+
+
+def knob_sweep(family: str = "sd15", rounds: int = 4, side: int = 256, steps: int = 4) -> int:
+    """Throughput through Triton of one tiny model under each of :data:`KNOB_SETTINGS`."""
+    import os
+    import shutil
+
+    from .repository import with_parameters
+
+    base = build_tiny_repository()
+    model = TINY_PREFIX + family
+    print(f"| {model}, {side}x{side}, {steps} steps | " + " | ".join(f"c={c}" for c in CONCURRENCY) + " |")
+    print("|---|" + "---|" * len(CONCURRENCY))
+    for name, (count, threads) in KNOB_SETTINGS.items():
+        with tempfile.TemporaryDirectory(prefix="bench-knobs-") as scratch:
+            repository = Path(scratch) / "repository"
+            shutil.copytree(base / model, repository / model)
+            config = repository / model / "config.pbtxt"
+            text = config.read_text().replace("kind: KIND_CPU count: 1", f"kind: KIND_CPU count: {count}")
+            changes = {"model_source": os.path.relpath(TINY_PIPELINES / model, config.parent)}
+            if threads is not None:
+                changes["cpu_threads"] = str(threads)
+            config.write_text(with_parameters(text, changes))
+            with TritonServer(loopback_options(repository, Path(scratch) / "state")) as server:
+                def call(client: Any, request: contract.TextToImage, server: TritonServer = server) -> object:
+                    return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                        headers=server.headers)
+
+                def open_client(server: TritonServer = server) -> Any:
+                    return server.http_client(timeout_s=600)
+
+                run_concurrently(1, requests_for(1, 2, side, steps), call, open_client)  # warm-up
+                cells = []
+                for concurrency in CONCURRENCY:
+                    level = run_concurrently(concurrency, requests_for(concurrency, rounds, side, steps), call,
+                                             open_client)
+                    cells.append(f"{level.p50_ms:.0f} ms, {level.throughput_per_s:.1f}/s")
+                print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main_suite(quick: bool, side: int = 256, steps: int = 4) -> int:
     results = run_suite(quick, side, steps)
     RESULTS_DIR.mkdir(exist_ok=True)

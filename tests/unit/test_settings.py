@@ -43,6 +43,7 @@ def test_from_parameters_parses_numbers_when_overrides_are_set() -> None:
         ({"model_id": "m", "true_cfg_scale": "0.5"}, "true_cfg_scale=0.5 is invalid: must be a finite number >= 1"),
         ({"model_id": "m", "default_width": "4096"}, "default_width=4096 is invalid: must not exceed max_width"),
         ({"model_id": "m", "max_sequence_length": "1024"}, "max_sequence_length=1024 is invalid: .* at most 512"),
+        ({"model_id": "m", "cpu_threads": "0"}, "cpu_threads=0 is invalid: must be a positive integer"),
     ],
 )
 def test_from_parameters_names_key_value_and_rule_when_a_parameter_is_bad(
