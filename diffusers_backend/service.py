@@ -16,11 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from .batching import group_requests
-from .errors import DiffusersBackendError, GenerationError, InvalidRequestError
+from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, ModelLoadError
 from .settings import ModelSettings
 from .validation import GenerationRequest, RequestLimits, parse_request
 
 logger = logging.getLogger(__name__)
+
+WARM_UP_SIDE = 64
+"""Side of the warm-up image: a multiple of every family's size multiple, cheap on any device."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,23 @@ class DiffusersService:
         folder, traits = locate_pipeline(settings, model_directory)
         limits = RequestLimits.for_model(traits, settings)  # a bad setting fails here, before minutes of loading
         pipeline = load_pipeline(settings, placement, folder, traits)
-        return cls(DiffusionEngine(pipeline, traits, settings), limits, settings.model_id)
+        service = cls(DiffusionEngine(pipeline, traits, settings), limits, settings.model_id)
+        service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """One small generation at load: the first user request should not pay for lazy initialisation
+        (kernel selection, allocator growth, tokenizer caches), and weights that cannot generate fail the
+        load instead of the first request."""
+        side = max(WARM_UP_SIDE, self.limits.size_multiple)
+        request = GenerationRequest(prompt="warm-up", negative_prompt=None, width=side, height=side, steps=1,
+                                    guidance_scale=self.limits.default_guidance_scale, seed=0)
+        started = time.perf_counter()
+        try:
+            self.generator.generate([request])
+        except Exception as error:
+            raise ModelLoadError(f"model {self.model_id!r} loaded but cannot generate: {error}") from error
+        logger.info("%s: warm-up generation took %.3f s", self.model_id, time.perf_counter() - started)
 
     def execute(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Outcome]:
         """One outcome per request of ``batch`` (input name → array), in order."""

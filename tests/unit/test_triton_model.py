@@ -139,3 +139,13 @@ def test_initialize_names_the_model_when_a_parameter_is_unknown(
     with pytest.raises(RuntimeError, match=r"Triton model 'sd15' failed to load: .*\['colour'\] are unknown"):
         model.initialize({"model_name": "sd15", "model_config": json.dumps(config), "model_instance_kind": "CPU",
                           "model_instance_device_id": "0", "model_repository": "/models/sd15"})
+
+
+def test_warm_up_fails_the_load_when_the_pipeline_cannot_generate() -> None:
+    from diffusers_backend.errors import ModelLoadError
+
+    generator = RecordingGenerator(fail_width=64)
+    service = DiffusersService(generator, RequestLimits.for_model(SD15_TRAITS, ModelSettings("m")), "m")
+    with pytest.raises(ModelLoadError, match="model 'm' loaded but cannot generate: out of memory"):
+        service.warm_up()
+    assert [(r.width, r.steps, r.seed) for r in generator.calls[0]] == [(64, 1, 0)]
