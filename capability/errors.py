@@ -6,6 +6,8 @@ contains a prompt in full or a key.
 
 from __future__ import annotations
 
+from diffusers_backend.errors import describe_value
+
 
 class CapabilityError(Exception):
     """Root of every error this package raises on purpose."""
@@ -34,7 +36,7 @@ class InvalidOptionError(CapabilityError):
         self.option = option
         self.value = value
         self.rule = rule
-        super().__init__(f"{option}={_short(value)} is invalid: {rule}")
+        super().__init__(f"{option}={describe_value(value)} is invalid: {rule}")
 
 
 class ServerError(CapabilityError):
@@ -56,10 +58,3 @@ class ModelNotServedError(ServerError):
 class GenerationError(ServerError):
     """The server refused or failed the generation; the message is the server's."""
 
-
-_MAX_SHOWN = 48
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}…({len(text)} chars)"

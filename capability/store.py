@@ -131,12 +131,15 @@ class Store:
         return connection
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: all of it commits, or (on any exception, or a crash) none of it."""
+    def write(self, lock: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+        """A write transaction: all of it commits, or (on any exception, or a crash) none of it.
+
+        ``IMMEDIATE`` takes the write lock at once; ``EXCLUSIVE`` (migrations) keeps readers out as well.
+        """
         connection = self.connection()
         try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
+            connection.execute(f"BEGIN {lock}")
+        except sqlite3.Error as error:
             raise StoreError(f"capability store {self.path} is busy or unwritable: {error}") from error
         try:
             yield connection
@@ -156,12 +159,7 @@ class Store:
             self._local.connection = None
 
     def _migrate(self) -> None:
-        connection = self.connection()
-        try:
-            connection.execute("BEGIN EXCLUSIVE")
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open the capability store {self.path}: {error}") from error
-        try:
+        with self.write("EXCLUSIVE") as connection:
             version = int(connection.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -172,10 +170,6 @@ class Store:
                 for statement in _statements(MIGRATIONS[number]):
                     connection.execute(statement)
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
 
 
 def _check_private(path: Path) -> None:
