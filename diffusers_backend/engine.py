@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
+from .cpu_sharing import CoreSharing
 from .errors import GenerationError, InvalidRequestError
 from .families import FLUX, SD3, PipelineTraits
 from .settings import ModelSettings
@@ -17,11 +19,13 @@ from .validation import GenerationRequest
 class DiffusionEngine:
     """Runs one loaded pipeline. Not thread-safe: Triton calls ``execute`` of an instance one batch at a time."""
 
-    def __init__(self, pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> None:
+    def __init__(self, pipeline: Any, traits: PipelineTraits, settings: ModelSettings,
+                 core_sharing: CoreSharing | None = None) -> None:
         self.pipeline = pipeline
         self.traits = traits
         self.settings = settings
         self.max_sequence_length = settings.max_sequence_length or traits.max_sequence_length
+        self.core_sharing = core_sharing
 
     def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]:
         """Images (uint8, [H, W, 3]) for requests that share size, steps, guidance and negative-prompt use.
@@ -51,8 +55,10 @@ class DiffusionEngine:
             arguments["max_sequence_length"] = self.max_sequence_length
         if family is FLUX and first.negative_prompt is not None:
             arguments["true_cfg_scale"] = self.settings.true_cfg_scale
+        if self.core_sharing is not None:
+            arguments["callback_on_step_end"] = self._rebalance_cores
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._sharing_cores():
                 output = self.pipeline(**arguments)
         except torch.cuda.OutOfMemoryError as error:
             raise GenerationError(
@@ -67,6 +73,16 @@ class DiffusionEngine:
             ) if is_flagged else image
             for image, request, is_flagged in zip(to_uint8_images(output.images), group, flagged, strict=True)
         ]
+
+
+    def _sharing_cores(self) -> Any:
+        return self.core_sharing.generating() if self.core_sharing is not None else nullcontext()
+
+    def _rebalance_cores(self, _pipeline: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        # diffusers' callback_on_step_end: runs after each denoising step and must hand the tensors back.
+        assert self.core_sharing is not None
+        self.core_sharing.rebalance()
+        return tensors
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .batching import group_requests
+from .cpu_sharing import CoreSharing
 from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, ModelLoadError
 from .settings import ModelSettings
 from .validation import GenerationRequest, RequestLimits, parse_request
@@ -48,15 +49,17 @@ class DiffusersService:
         self.model_id = model_id
 
     @classmethod
-    def load(cls, settings: ModelSettings, placement: Any, model_directory: Path | None = None) -> DiffusersService:
-        """Load the configured pipeline onto ``placement`` (a :class:`.loading.Placement`)."""
+    def load(cls, settings: ModelSettings, placement: Any, model_directory: Path | None = None,
+             core_sharing: CoreSharing | None = None) -> DiffusersService:
+        """Load the configured pipeline onto ``placement`` (a :class:`.loading.Placement`); ``core_sharing``:
+        this CPU instance's share of the cores, when the model has several."""
         from .engine import DiffusionEngine
         from .loading import load_pipeline, locate_pipeline
 
         folder, traits = locate_pipeline(settings, model_directory)
         limits = RequestLimits.for_model(traits, settings)  # a bad setting fails here, before minutes of loading
         pipeline = load_pipeline(settings, placement, folder, traits)
-        service = cls(DiffusionEngine(pipeline, traits, settings), limits, settings.model_id)
+        service = cls(DiffusionEngine(pipeline, traits, settings, core_sharing), limits, settings.model_id)
         service.warm_up()
         return service
 

@@ -50,8 +50,10 @@ class ModelSettings:
     true_cfg_scale: float = 1.0
     """FLUX only: > 1 enables true classifier-free guidance, and with it NEGATIVE_PROMPT (two passes a step)."""
     cpu_threads: int | None = None
-    """torch intra-op threads of each CPU instance; None: torch's default (every core). With several
-    instances on one CPU, give each its share."""
+    """torch intra-op threads of a CPU instance generating alone; None: every core the process may use."""
+    share_cpu_cores: bool = True
+    """With several CPU instances: each takes ``cpu_threads // busy instances`` threads, re-counted at every
+    denoising step (see cpu_sharing.py). False: each always uses ``cpu_threads``."""
 
     @property
     def source(self) -> str:
@@ -131,6 +133,13 @@ def _optional_integer(key: str, text: str) -> int | None:
     return _integer(key, text) if text else None
 
 
+def _boolean(key: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false"):
+        raise ModelConfigError(f"parameter {key}={text!r} is invalid: must be true or false")
+    return lowered == "true"
+
+
 def _number(key: str, text: str) -> float:
     try:
         return float(text)
@@ -161,4 +170,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_sequence_length": _optional_integer,
     "true_cfg_scale": _number,
     "cpu_threads": _optional_integer,
+    "share_cpu_cores": _boolean,
 }

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpu_sharing import CoreSharing, available_cores
 from .errors import DiffusersBackendError, InvalidRequestError
 from .loading import Placement
 from .service import DiffusersService, GeneratedImage, Outcome
@@ -40,9 +41,12 @@ class DiffusersTritonModel:
         config = json.loads(args["model_config"])
         self.input_names = [spec["name"] for spec in config["input"]]
         placement = Placement(args["model_instance_kind"], int(args["model_instance_device_id"]))
+        self.core_sharing: CoreSharing | None = None
         try:
             settings = ModelSettings.from_parameters(config.get("parameters", {}))
-            self.service = DiffusersService.load(settings, placement, Path(args["model_repository"]))
+            self.core_sharing = _core_sharing(model_name, config, placement, settings)
+            self.service = DiffusersService.load(settings, placement, Path(args["model_repository"]),
+                                                 self.core_sharing)
         except DiffusersBackendError as error:
             # Triton prints this under the model's name and, with --exit-on-error, stops the server.
             raise RuntimeError(f"Triton model {model_name!r} failed to load: {error}") from error
@@ -55,6 +59,8 @@ class DiffusersTritonModel:
     def finalize(self) -> None:
         logger.info("%s unloading", self.service.model_id)
         del self.service
+        if self.core_sharing is not None:
+            self.core_sharing.close()
 
     def _input_arrays(self, request: Any) -> dict[str, np.ndarray]:
         arrays = {}
@@ -74,6 +80,29 @@ class DiffusersTritonModel:
         code = (pb_utils.TritonError.INVALID_ARG if isinstance(outcome, InvalidRequestError)
                 else pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome), code))
+
+
+def cpu_instance_count(config: dict[str, Any]) -> int:
+    """Instances of the model on the CPU, from its ``instance_group`` entries."""
+    return sum(int(group.get("count", 1)) for group in config.get("instance_group", [])
+               if group.get("kind") == "KIND_CPU")
+
+
+def _core_sharing(model_name: str, config: dict[str, Any], placement: Placement,
+                  settings: ModelSettings) -> CoreSharing | None:
+    if placement.on_gpu or not settings.share_cpu_cores or cpu_instance_count(config) < 2:
+        return None
+    cores = settings.cpu_threads or available_cores()
+    sharing = CoreSharing.for_instance(model_name, cores, _set_torch_threads)
+    if sharing is not None:
+        logger.info("%s: CPU instances share %d cores (%s)", model_name, cores, sharing.group)
+    return sharing
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _configure_logging() -> None:

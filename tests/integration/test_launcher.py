@@ -16,7 +16,7 @@ import pytest
 
 from triton_launcher.errors import ServerStartError
 from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
-from triton_launcher.repository import with_parameters
+from triton_launcher.repository import TINY_CPU_INSTANCES, with_parameters
 from triton_launcher.server import TritonServer, free_ports
 
 from .conftest import TINY_MODELS, tiny_server_options
@@ -50,7 +50,8 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
 
             server_process = psutil.Process(description["pid"])
             family = [server_process, *server_process.children(recursive=True)]
-            assert sum("triton_python_backend_stub" in p.name() for p in family) == len(TINY_MODELS)
+            stubs = sum("triton_python_backend_stub" in p.name() for p in family)
+            assert stubs == len(TINY_MODELS) * TINY_CPU_INSTANCES
 
             launcher.send_signal(signal.SIGINT)
             assert launcher.wait(timeout=120) == 0

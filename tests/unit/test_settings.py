@@ -31,6 +31,11 @@ def test_from_parameters_parses_numbers_when_overrides_are_set() -> None:
     assert settings.source == "./weights"
 
 
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("False", False), (" TRUE ", True)])
+def test_from_parameters_reads_share_cpu_cores_when_given_a_boolean(text: str, expected: bool) -> None:
+    assert ModelSettings.from_parameters(parameters(model_id="m", share_cpu_cores=text)).share_cpu_cores is expected
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -44,6 +49,7 @@ def test_from_parameters_parses_numbers_when_overrides_are_set() -> None:
         ({"model_id": "m", "default_width": "4096"}, "default_width=4096 is invalid: must not exceed max_width"),
         ({"model_id": "m", "max_sequence_length": "1024"}, "max_sequence_length=1024 is invalid: .* at most 512"),
         ({"model_id": "m", "cpu_threads": "0"}, "cpu_threads=0 is invalid: must be a positive integer"),
+        ({"model_id": "m", "share_cpu_cores": "yes"}, "share_cpu_cores='yes' is invalid: must be true or false"),
     ],
 )
 def test_from_parameters_names_key_value_and_rule_when_a_parameter_is_bad(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,20 +83,50 @@ MODEL_CONFIG = {
 }
 
 
-def initialized_model(monkeypatch: pytest.MonkeyPatch, generator: RecordingGenerator) -> DiffusersTritonModel:
+def initialized_model(monkeypatch: pytest.MonkeyPatch, generator: RecordingGenerator, kind: str = "GPU",
+                      config: dict[str, Any] = MODEL_CONFIG) -> DiffusersTritonModel:
     loaded: dict[str, Any] = {}
 
-    def fake_load(settings: ModelSettings, placement: Any, model_directory: Any = None) -> DiffusersService:
-        loaded.update(settings=settings, placement=placement)
+    def fake_load(settings: ModelSettings, placement: Any, model_directory: Any = None,
+                  core_sharing: Any = None) -> DiffusersService:
+        loaded.update(settings=settings, placement=placement, core_sharing=core_sharing)
         return DiffusersService(generator, RequestLimits.for_model(SD15_TRAITS, settings), settings.model_id)
 
     monkeypatch.setattr(DiffusersService, "load", staticmethod(fake_load))
     model = DiffusersTritonModel()
-    model.initialize({"model_name": "sd15", "model_config": json.dumps(MODEL_CONFIG),
-                      "model_instance_kind": "GPU", "model_instance_device_id": "1",
+    model.initialize({"model_name": "sd15", "model_config": json.dumps(config),
+                      "model_instance_kind": kind, "model_instance_device_id": "1",
                       "model_repository": "/models/sd15", "model_version": "1"})
-    assert loaded["placement"].torch_device == "cuda:1"
+    assert loaded["placement"].torch_device == ("cuda:1" if kind == "GPU" else "cpu")
+    assert loaded["core_sharing"] is model.core_sharing
     return model
+
+
+def cpu_groups(*counts: int) -> list[dict[str, Any]]:
+    return [{"kind": "KIND_CPU", "count": count} for count in counts]
+
+
+@pytest.mark.usefixtures("fake_pb_utils")
+@pytest.mark.parametrize(
+    ("kind", "changes", "shared"),
+    [
+        ("CPU", {"instance_group": cpu_groups(2)}, True),
+        ("CPU", {"instance_group": cpu_groups(1, 1)}, True),
+        ("CPU", {"instance_group": cpu_groups(1)}, False),
+        ("CPU", {"instance_group": cpu_groups(2), "parameters": {"model_id": {"string_value": "org/model"},
+                                                                 "share_cpu_cores": {"string_value": "false"}}},
+         False),
+        ("GPU", {"instance_group": [{"kind": "KIND_GPU", "count": 2}]}, False),
+    ],
+)
+def test_initialize_shares_cpu_cores_only_when_several_cpu_instances_may_share_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, changes: dict[str, Any], shared: bool,
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = initialized_model(monkeypatch, RecordingGenerator(), kind, {**MODEL_CONFIG, **changes})
+    assert (model.core_sharing is not None) is shared
+    model.finalize()
+    assert list((tmp_path / f"triton-diffusers-{os.getuid()}").glob("*/*")) == []
 
 
 def request(**fields: Any) -> FakeRequest:
