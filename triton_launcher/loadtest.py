@@ -1,14 +1,19 @@
-"""``scripts/bench --suite``: latency and throughput at concurrency 1, 2, 4 and 8, for every family, on three
-paths measured on the same requests in one run:
+"""``scripts/bench``: latency and throughput at concurrency 1, 2, 4 and 8, for every family, on three paths
+measured on the same requests in one run:
 
-- ``inprocess``: the pipeline service called in its own process while no server runs (the floor); at
-  concurrency *c* it is handed batches of *c* requests, the best the pipeline can do with them;
+- ``inprocess``: the pipeline service called in a process of its own while no server runs (the floor); at
+  concurrency *c* it is handed batches of *c* requests, the best the pipeline can do with them. It runs twice,
+  before and after the server, and the two halves are pooled, so that a slow spell of this shared machine
+  weighs on the floor and on the served paths alike;
 - ``triton``: the same requests through tritonserver with ``tritonclient`` (one client per thread);
 - ``capability``: the same through the capability layer (checks, lease, audit, PNG and base64).
 
-Writes ``bench/results.json`` (machine, versions, commit, every figure, and per-family ratios) and
-``bench/throughput.png``, and prints a table. Ratios are what to compare across runs: these machines are
-shared and noisy.
+Also measured in the same run: the server's start-up to READY, its memory (all four tiny families loaded,
+and what each extra instance costs), where Triton's time goes at concurrency 1 (Triton's own statistics
+against the client's clock), and PNG + base64 against Pillow on 1024² images.
+
+Writes ``bench/results.json`` and ``bench/throughput.png``, and prints a table. Ratios are what to compare
+across runs: these machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -36,6 +41,35 @@ from .server import TritonServer, loopback_options
 CONCURRENCY = (1, 2, 4, 8)
 RESULTS_DIR = PROJECT_ROOT / "bench"
 PATHS = ("inprocess", "triton", "capability")
+FOLDED_FILES = {"knobs": "knobs.json", "perf_analyzer": "perf_analyzer.json"}
+"""Results of scripts/bench --knobs and scripts/perf-analyzer, copied into results.json under these keys."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures. ``rounds``: requests per client at concurrency > 1; concurrency 1 gets
+    ``solo_rounds`` (it carries the overhead ratios, so it gets more samples)."""
+
+    sides: tuple[int, ...] = (256,)
+    steps: int = 4
+    rounds: int = 6
+    solo_rounds: int = 24
+
+    def requests(self, concurrency: int, side: int) -> list[contract.TextToImage]:
+        """Distinct seeds, one prompt: every path gets exactly these."""
+        count = self.solo_rounds if concurrency == 1 else concurrency * self.rounds
+        return [contract.TextToImage(f"a lighthouse on a cliff, variation {index}", width=side, height=side,
+                                     num_inference_steps=self.steps, seed=index)
+                for index in range(count)]
+
+    def half(self) -> Plan:
+        """Each of the two in-process phases runs half the requests."""
+        return Plan(self.sides, self.steps, max(1, self.rounds // 2), max(1, self.solo_rounds // 2))
+
+
+QUICK = Plan(rounds=2, solo_rounds=12)
+FULL = Plan(sides=(256, 512), rounds=6, solo_rounds=24)
+DEFAULT = Plan(rounds=6, solo_rounds=24)
 
 
 @dataclass(frozen=True)
@@ -49,6 +83,17 @@ class Level:
     throughput_per_s: float
 
 
+@dataclass
+class Samples:
+    """Raw figures of a level, so that levels measured in two phases can be pooled."""
+
+    latencies: list[float]
+    wall_s: float
+
+    def level(self, concurrency: int) -> Level:
+        return summarize(concurrency, self.latencies, self.wall_s)
+
+
 def summarize(concurrency: int, latencies: Sequence[float], wall_s: float) -> Level:
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -56,20 +101,14 @@ def summarize(concurrency: int, latencies: Sequence[float], wall_s: float) -> Le
                  round(len(ordered) / wall_s, 3))
 
 
-def requests_for(concurrency: int, rounds: int, side: int, steps: int) -> list[contract.TextToImage]:
-    """``rounds`` requests per client, distinct seeds, one prompt: every path gets exactly these."""
-    return [contract.TextToImage(f"a lighthouse on a cliff, variation {index}", width=side, height=side,
-                                 num_inference_steps=steps, seed=index)
-            for index in range(concurrency * rounds)]
-
-
 def run_concurrently(concurrency: int, work: Sequence[Any], call: Callable[[Any, Any], object],
-                     open_client: Callable[[], Any] = lambda: None) -> Level:
+                     open_client: Callable[[], Any] = lambda: None) -> Samples:
     """``call(client, item)`` for every item, from ``concurrency`` threads pulling from one queue; each thread
     opens its own client (tritonclient's HTTP client works only on the thread that made it)."""
     latencies: list[float] = []
     lock = threading.Lock()
-    items = list(enumerate(work))
+    items = list(work)
+    items.reverse()  # pop() from the end hands them out in order
     failures: list[BaseException] = []
 
     def worker() -> None:
@@ -79,7 +118,7 @@ def run_concurrently(concurrency: int, work: Sequence[Any], call: Callable[[Any,
                 with lock:
                     if not items or failures:
                         return
-                    _, item = items.pop(0)
+                    item = items.pop()
                 started = time.perf_counter()
                 call(client, item)
                 with lock:
@@ -99,13 +138,13 @@ def run_concurrently(concurrency: int, work: Sequence[Any], call: Callable[[Any,
         thread.join()
     if failures:
         raise RuntimeError(f"a request failed at concurrency {concurrency}") from failures[0]
-    return summarize(concurrency, latencies, time.perf_counter() - started)
+    return Samples(latencies, time.perf_counter() - started)
 
 
 # --- the in-process floor, in a process of its own ----------------------------------------------------------
 
 
-def inprocess_worker(rounds: int, side: int, steps: int) -> dict[str, Any]:
+def inprocess_worker(plan: Plan) -> dict[str, Any]:
     """Run by ``--inprocess-worker``: each family's service, handed batches of 1, 2, 4 and 8 requests."""
     import torch
 
@@ -119,37 +158,73 @@ def inprocess_worker(rounds: int, side: int, steps: int) -> dict[str, Any]:
     for family in FAMILY_MODELS:
         model = TINY_PREFIX + family
         service = DiffusersService.load(ModelSettings(model, model_source=str(folders[family])), Placement("CPU"))
-        service.execute([requests_for(1, 1, side, steps)[0].arrays()])  # warm-up
-        levels = []
-        for concurrency in CONCURRENCY:
-            work = requests_for(concurrency, rounds, side, steps)
-            latencies = []
-            started = time.perf_counter()
-            for first in range(0, len(work), concurrency):
-                batch = [request.arrays() for request in work[first:first + concurrency]]
-                begun = time.perf_counter()
-                service.execute(batch)
-                latencies += [time.perf_counter() - begun] * len(batch)  # each waits for its whole batch
-            levels.append(asdict(summarize(concurrency, latencies, time.perf_counter() - started)))
-        results["families"][model] = levels
+        for side in plan.sides:
+            service.execute([plan.requests(1, side)[0].arrays()])  # warm-up at this size
+            levels = {}
+            for concurrency in CONCURRENCY:
+                work = plan.requests(concurrency, side)
+                latencies = []
+                started = time.perf_counter()
+                for first in range(0, len(work), concurrency):
+                    batch = [request.arrays() for request in work[first:first + concurrency]]
+                    begun = time.perf_counter()
+                    service.execute(batch)
+                    latencies += [time.perf_counter() - begun] * len(batch)  # each waits for its whole batch
+                levels[str(concurrency)] = asdict(Samples(latencies, time.perf_counter() - started))
+            results["families"].setdefault(model, {})[str(side)] = levels
     return results
 
 
-def measure_inprocess(rounds: int, side: int, steps: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker", str(rounds), str(side),
-               str(steps)]
-    finished = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600)
+def measure_inprocess(plan: Plan) -> dict[str, Any]:
+    command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker", json.dumps(asdict(plan))]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
+    if finished.returncode != 0:
+        raise RuntimeError(f"the in-process worker failed:\n{finished.stderr[-3000:]}")
     return dict(json.loads(finished.stdout.strip().splitlines()[-1]))
+
+
+def pooled_floor(phases: Sequence[dict[str, Any]], model: str, side: int) -> list[dict[str, Any]]:
+    levels = []
+    for concurrency in CONCURRENCY:
+        parts = [Samples(**phase["families"][model][str(side)][str(concurrency)]) for phase in phases]
+        pooled = Samples([value for part in parts for value in part.latencies], sum(part.wall_s for part in parts))
+        levels.append(asdict(pooled.level(concurrency)))
+    return levels
 
 
 # --- through Triton and through the capability layer ---------------------------------------------------------
 
 
-def measure_served(server: TritonServer, rounds: int, side: int, steps: int) -> dict[str, dict[str, Any]]:
+def model_statistics(client: Any, server: TritonServer, model: str) -> dict[str, float]:
+    """Triton's cumulative per-model counters: requests, and nanoseconds by stage."""
+    stats = client.get_inference_statistics(model, headers=server.headers)["model_stats"][0]["inference_stats"]
+    figures = {stage: float(stats[stage]["ns"]) for stage in ("success", "queue", "compute_infer")}
+    figures["count"] = float(stats["success"]["count"])
+    return figures
+
+
+def breakdown(before: dict[str, float], after: dict[str, float], client_latencies: Sequence[float]) -> dict[str, float]:
+    """Where a lone request's time went: the client's mean against Triton's own per-request means."""
+    count = after["count"] - before["count"]
+
+    def mean_ms(stage: str) -> float:
+        return (after[stage] - before[stage]) / count / 1e6
+
+    client_ms = statistics.mean(client_latencies) * 1000
+    return {
+        "client_mean_ms": round(client_ms, 2),
+        "server_total_ms": round(mean_ms("success"), 2),
+        "model_execute_ms": round(mean_ms("compute_infer"), 2),
+        "queue_ms": round(mean_ms("queue"), 2),
+        "http_and_client_ms": round(client_ms - mean_ms("success"), 2),
+    }
+
+
+def measure_served(server: TritonServer, plan: Plan) -> dict[str, Any]:
     from capability import CapabilityLayer
 
-    results: dict[str, dict[str, Any]] = {"triton": {}, "capability": {}}
-    with CapabilityLayer(server.options.state_dir) as layer:
+    results: dict[str, Any] = {}
+    with CapabilityLayer(server.options.state_dir) as layer, server.http_client() as statistics_client:
         authority = layer.create_authority("bench")
         for family in FAMILY_MODELS:
             model = TINY_PREFIX + family
@@ -168,18 +243,45 @@ def measure_served(server: TritonServer, rounds: int, side: int, steps: int) -> 
             def open_triton_client() -> Any:
                 return server.http_client(timeout_s=600)
 
-            warm_up = requests_for(1, 1, side, steps)
-            run_concurrently(1, warm_up, via_triton, open_triton_client)
-            run_concurrently(1, warm_up, via_capability)
-            for path, call, opener in (("triton", via_triton, open_triton_client),
-                                       ("capability", via_capability, lambda: None)):
-                results[path][model] = [
-                    asdict(run_concurrently(concurrency, requests_for(concurrency, rounds, side, steps), call,
-                                            opener))
-                    for concurrency in CONCURRENCY
-                ]
+            for side in plan.sides:
+                warm_up = plan.requests(1, side)[:1]
+                run_concurrently(1, warm_up, via_triton, open_triton_client)
+                run_concurrently(1, warm_up, via_capability)
+                entry: dict[str, Any] = {"triton": [], "capability": []}
+                for concurrency in CONCURRENCY:
+                    work = plan.requests(concurrency, side)
+                    before = model_statistics(statistics_client, server, model)
+                    samples = run_concurrently(concurrency, work, via_triton, open_triton_client)
+                    if concurrency == 1:
+                        entry["triton_c1_breakdown"] = breakdown(
+                            before, model_statistics(statistics_client, server, model), samples.latencies)
+                    entry["triton"].append(asdict(samples.level(concurrency)))
+                    entry["capability"].append(asdict(run_concurrently(concurrency, work, via_capability)
+                                                      .level(concurrency)))
+                results.setdefault(model, {})[str(side)] = entry
         layer.generator.close()  # each thread's capability-layer connection, before the server stops
     return results
+
+
+def server_memory(server: TritonServer) -> dict[str, Any]:
+    """Resident memory of tritonserver and its Python stubs (one per model instance). PSS splits shared pages
+    among the processes that share them, so the PSS total is what the whole server costs the machine; a
+    stub's USS (pages no other process has) is what one more instance adds."""
+    import psutil
+
+    assert server.process is not None
+    root = psutil.Process(server.process.pid)
+    stubs = [child for child in root.children(recursive=True) if "triton_python_backend_stub" in child.name()]
+    mib = 2**20
+    stub_memory = [stub.memory_full_info() for stub in stubs]
+    root_memory = root.memory_full_info()
+    return {
+        "instances": len(stubs),
+        "tritonserver_rss_mib": round(root_memory.rss / mib),
+        "stub_rss_mib": round(statistics.mean(memory.rss for memory in stub_memory) / mib),
+        "total_pss_mib": round((root_memory.pss + sum(memory.pss for memory in stub_memory)) / mib),
+        "per_extra_instance_uss_mib": round(statistics.mean(memory.uss for memory in stub_memory) / mib),
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -213,9 +315,9 @@ def machine() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     versions = {name: importlib.metadata.version(name)
-                for name in ("torch", "diffusers", "transformers", "numpy", "tritonclient")}
+                for name in ("torch", "diffusers", "transformers", "numpy", "tritonclient", "isal")}
     return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions,
-            "commit": commit}
+            "commit": commit, "date": time.strftime("%Y-%m-%d")}
 
 
 def draw_throughput(results: dict[str, Any], destination: Path) -> None:
@@ -252,30 +354,54 @@ def draw_throughput(results: dict[str, Any], destination: Path) -> None:
     image.save(destination)
 
 
-def run_suite(quick: bool, side: int, steps: int) -> dict[str, Any]:
-    rounds = 2 if quick else 6
+def run_suite(plan: Plan, png_iterations: int = 10) -> dict[str, Any]:
+    from .bench import png_comparison
+
     repository = build_tiny_repository()
-    print(f"in-process floor ({rounds} rounds per client, {side}x{side}, {steps} steps), no server running…",
-          flush=True)
-    floor = measure_inprocess(rounds, side, steps)
-    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir, \
-            TritonServer(loopback_options(repository, Path(state_dir))) as server:
-        print("through Triton and through the capability layer…", flush=True)
-        served = measure_served(server, rounds, side, steps)
+    sizes = ", ".join(f"{side}x{side}" for side in plan.sides)
+    print(f"PNG + base64 against Pillow ({png_iterations} alternating runs per image)…", flush=True)
+    png = png_comparison(png_iterations)
+    print(f"in-process floor, first half ({sizes}, {plan.steps} steps), no server running…", flush=True)
+    floor_phases = [measure_inprocess(plan.half())]
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
+        started = time.perf_counter()
+        with TritonServer(loopback_options(repository, Path(state_dir))) as server:
+            startup_s = time.perf_counter() - started
+            print(f"server READY in {startup_s:.1f} s; through Triton and through the capability layer…",
+                  flush=True)
+            memory = server_memory(server)
+            served = measure_served(server, plan)
+    print("in-process floor, second half…", flush=True)
+    floor_phases.append(measure_inprocess(plan.half()))
+
     results: dict[str, Any] = {
-        "machine": {**machine(), "torch_threads": floor["torch_threads"]},
-        "settings": {"side": side, "steps": steps, "rounds_per_client": rounds, "concurrency": list(CONCURRENCY)},
+        "machine": {**machine(), "torch_threads": floor_phases[0]["torch_threads"]},
+        "settings": {**asdict(plan), "concurrency": list(CONCURRENCY), "paths": list(PATHS)},
+        "png_vs_pillow_1024": png["png_vs_pillow_1024"],
+        "server": {"startup_to_ready_s": round(startup_s, 2), "memory": memory},
+        "png": png,
         "families": {},
     }
     for family in FAMILY_MODELS:
         model = TINY_PREFIX + family
-        levels = {"inprocess": floor["families"][model], "triton": served["triton"][model],
-                  "capability": served["capability"][model]}
-        results["families"][model] = {"levels": levels, "ratios": ratios(levels)}
+        for side in plan.sides:
+            entry = served[model][str(side)]
+            levels = {"inprocess": pooled_floor(floor_phases, model, side), "triton": entry["triton"],
+                      "capability": entry["capability"]}
+            figures = {"levels": levels, "ratios": ratios(levels), "triton_c1_breakdown": entry["triton_c1_breakdown"]}
+            if side == plan.sides[0]:
+                results["families"][model] = figures
+            else:
+                results["families"][model].setdefault("larger_sizes", {})[f"{side}x{side}"] = figures
+    for key, name in FOLDED_FILES.items():
+        if (RESULTS_DIR / name).is_file():
+            results[key] = json.loads((RESULTS_DIR / name).read_text())
     return results
 
 
 def print_table(results: dict[str, Any]) -> None:
+    side = results["settings"]["sides"][0]
+    print(f"\n{side}x{side}, {results['settings']['steps']} steps; in-process at c=N means batches of N")
     print("\n| model | path | " + " | ".join(f"c={c} p50 / img/s" for c in CONCURRENCY) + " |")
     print("|---|---|" + "---|" * len(CONCURRENCY))
     for model, entry in results["families"].items():
@@ -283,65 +409,52 @@ def print_table(results: dict[str, Any]) -> None:
             cells = " | ".join(f"{level['p50_ms']:.0f} ms / {level['throughput_per_s']:.1f}"
                                for level in entry["levels"][path])
             print(f"| {model} | {path} | {cells} |")
-    print("\n| model | " + " | ".join(next(iter(results["families"].values()))["ratios"]) + " |")
-    print("|---|" + "---|" * 4)
+    names = list(next(iter(results["families"].values()))["ratios"])
+    print("\n| model | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for model, entry in results["families"].items():
         print(f"| {model} | " + " | ".join(f"{value:.2f}" for value in entry["ratios"].values()) + " |")
+    print("\nThrough Triton at c=1, mean per request (Triton's statistics against the client's clock):")
+    print("\n| model | client | Triton's total | model.execute | queue | HTTP + tritonclient |")
+    print("|---|---|---|---|---|---|")
+    for model, entry in results["families"].items():
+        figures = entry["triton_c1_breakdown"]
+        print(f"| {model} | {figures['client_mean_ms']:.1f} ms | {figures['server_total_ms']:.1f} ms | "
+              f"{figures['model_execute_ms']:.1f} ms | {figures['queue_ms']:.2f} ms | "
+              f"{figures['http_and_client_ms']:.1f} ms |")
+    for model, entry in results["families"].items():
+        for size, figures in entry.get("larger_sizes", {}).items():
+            print(f"{model} {size}: " + ", ".join(f"{name} {value:.2f}" for name, value in figures["ratios"].items()))
+    server = results["server"]
+    memory = server["memory"]
+    print(f"\nserver: READY in {server['startup_to_ready_s']:.1f} s; {memory['instances']} instances; "
+          f"total PSS {memory['total_pss_mib']} MiB; each extra instance {memory['per_extra_instance_uss_mib']} MiB "
+          f"(USS); tritonserver itself {memory['tritonserver_rss_mib']} MiB RSS")
+    png = results["png"]["images"]["1024x1024 photo-like"]
+    print(f"PNG + base64, 1024² photo-like: {png['ours_ms']:.1f} ms vs Pillow {png['pillow_ms']:.0f} ms "
+          f"(png_vs_pillow_1024 = {results['png_vs_pillow_1024']:.3f})")
 
 
-KNOB_SETTINGS = {
-    "1 instance, torch default threads": (1, None),
-    "1 instance, 1 thread": (1, 1),
-    "2 instances, 1 thread each": (2, 1),
-    "2 instances, default threads each": (2, None),
-}
-"""Instance count and ``cpu_threads`` combinations tried by :func:`knob_sweep`."""
-
-
-def knob_sweep(family: str = "sd15", rounds: int = 4, side: int = 256, steps: int = 4) -> int:
-    """Throughput through Triton of one tiny model under each of :data:`KNOB_SETTINGS`."""
-    import os
-    import shutil
-
-    from .repository import with_parameters
-
-    base = build_tiny_repository()
-    model = TINY_PREFIX + family
-    print(f"| {model}, {side}x{side}, {steps} steps | " + " | ".join(f"c={c}" for c in CONCURRENCY) + " |")
-    print("|---|" + "---|" * len(CONCURRENCY))
-    for name, (count, threads) in KNOB_SETTINGS.items():
-        with tempfile.TemporaryDirectory(prefix="bench-knobs-") as scratch:
-            repository = Path(scratch) / "repository"
-            shutil.copytree(base / model, repository / model)
-            config = repository / model / "config.pbtxt"
-            text = config.read_text().replace("kind: KIND_CPU count: 1", f"kind: KIND_CPU count: {count}")
-            changes = {"model_source": os.path.relpath(TINY_PIPELINES / model, config.parent)}
-            if threads is not None:
-                changes["cpu_threads"] = str(threads)
-            config.write_text(with_parameters(text, changes))
-            with TritonServer(loopback_options(repository, Path(scratch) / "state")) as server:
-                def call(client: Any, request: contract.TextToImage, server: TritonServer = server) -> object:
-                    return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                        headers=server.headers)
-
-                def open_client(server: TritonServer = server) -> Any:
-                    return server.http_client(timeout_s=600)
-
-                run_concurrently(1, requests_for(1, 2, side, steps), call, open_client)  # warm-up
-                cells = []
-                for concurrency in CONCURRENCY:
-                    level = run_concurrently(concurrency, requests_for(concurrency, rounds, side, steps), call,
-                                             open_client)
-                    cells.append(f"{level.p50_ms:.0f} ms, {level.throughput_per_s:.1f}/s")
-                print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-    return 0
-
-
-def main_suite(quick: bool, side: int = 256, steps: int = 4) -> int:
-    results = run_suite(quick, side, steps)
+def write_results(results: dict[str, Any]) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     draw_throughput(results, RESULTS_DIR / "throughput.png")
+
+
+def fold_into_results(key: str, figures: dict[str, Any]) -> None:
+    """Write ``figures`` to its own file and, when a suite result exists, into it under ``key``."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / FOLDED_FILES[key]).write_text(json.dumps(figures, indent=2) + "\n")
+    results_file = RESULTS_DIR / "results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        results[key] = figures
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main_suite(plan: Plan) -> int:
+    results = run_suite(plan)
+    write_results(results)
     print_table(results)
     print(f"\nwrote {RESULTS_DIR / 'results.json'} and {RESULTS_DIR / 'throughput.png'}")
     return 0
@@ -349,7 +462,9 @@ def main_suite(quick: bool, side: int = 256, steps: int = 4) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inprocess-worker"]:
-        rounds, side, steps = (int(value) for value in sys.argv[2:5])
-        print(json.dumps(inprocess_worker(rounds, side, steps)))
+        arguments = json.loads(sys.argv[2])
+        worker_plan = Plan(tuple(arguments["sides"]), arguments["steps"], arguments["rounds"],
+                           arguments["solo_rounds"])
+        print(json.dumps(inprocess_worker(worker_plan)))
         sys.exit(0)
-    sys.exit(main_suite(quick="--quick" in sys.argv))
+    sys.exit(main_suite(DEFAULT))

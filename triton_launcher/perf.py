@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .paths import INFER_KEY_HEADER, PROJECT_ROOT
+from .loadtest import fold_into_results
+from .paths import INFER_KEY_HEADER
 from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
 from .server import LOOPBACK, TritonServer, loopback_options
 
@@ -106,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {level['p50_ms']:.0f} ms, p95 {level['p95_ms']:.0f} ms, "
                           f"queue {level['server_queue_ms']:.1f} ms, compute {level['server_compute_ms']:.0f} ms",
                           flush=True)
-    output = PROJECT_ROOT / "bench" / "perf_analyzer.json"
-    output.parent.mkdir(exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {output}")
+    fold_into_results("perf_analyzer", results)
+    print("wrote bench/perf_analyzer.json (and into bench/results.json)")
     return 0
 
 
