@@ -2,9 +2,11 @@
 measured on the same requests in one run:
 
 - ``inprocess``: the pipeline service called in a process of its own while no server runs (the floor); at
-  concurrency *c* it is handed batches of *c* requests, the best the pipeline can do with them. It runs twice,
-  before and after the server, and the two halves are pooled, so that a slow spell of this shared machine
-  weighs on the floor and on the served paths alike;
+  concurrency *c* it is handed batches of *c* requests, the best the pipeline can do with them;
+- each family in turn: half the floor, then a server with only that family for the two served paths, then
+  the other half of the floor (the floor's process waits, idle, while the server runs). Speed on these shared
+  machines drifts by 10-20 % over minutes; measuring the paths of a family within the same half minute keeps
+  that drift out of their ratios;
 - ``triton``: the same requests through tritonserver with ``tritonclient`` (one client per thread);
 - ``capability``: the same through the capability layer (checks, lease, audit, PNG and base64).
 
@@ -144,8 +146,9 @@ def run_concurrently(concurrency: int, work: Sequence[Any], call: Callable[[Any,
 # --- the in-process floor, in a process of its own ----------------------------------------------------------
 
 
-def inprocess_worker(plan: Plan) -> dict[str, Any]:
-    """Run by ``--inprocess-worker``: each family's service, handed batches of 1, 2, 4 and 8 requests."""
+def inprocess_worker() -> None:
+    """Run by ``--inprocess-worker``: for each line ``{"family": …, "plan": …}`` on stdin, that family's
+    service handed batches of 1, 2, 4 and 8 requests at each size; one JSON line of samples on stdout."""
     import torch
 
     from diffusers_backend.loading import Placement
@@ -154,10 +157,17 @@ def inprocess_worker(plan: Plan) -> dict[str, Any]:
     from diffusers_backend.tiny import build_tiny_models
 
     folders = build_tiny_models(TINY_PIPELINES)
-    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "families": {}}
-    for family in FAMILY_MODELS:
-        model = TINY_PREFIX + family
-        service = DiffusersService.load(ModelSettings(model, model_source=str(folders[family])), Placement("CPU"))
+    loaded: tuple[str, DiffusersService] | None = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        family, plan = command["family"], Plan(**{**command["plan"], "sides": tuple(command["plan"]["sides"])})
+        if loaded is None or loaded[0] != family:
+            loaded = None  # one family in memory at a time
+            service = DiffusersService.load(ModelSettings(TINY_PREFIX + family, model_source=str(folders[family])),
+                                            Placement("CPU"))
+            loaded = (family, service)
+        service = loaded[1]
+        sizes: dict[str, Any] = {}
         for side in plan.sides:
             service.execute([plan.requests(1, side)[0].arrays()])  # warm-up at this size
             levels = {}
@@ -171,22 +181,43 @@ def inprocess_worker(plan: Plan) -> dict[str, Any]:
                     service.execute(batch)
                     latencies += [time.perf_counter() - begun] * len(batch)  # each waits for its whole batch
                 levels[str(concurrency)] = asdict(Samples(latencies, time.perf_counter() - started))
-            results["families"].setdefault(model, {})[str(side)] = levels
-    return results
+            sizes[str(side)] = levels
+        print(json.dumps({"torch_threads": torch.get_num_threads(), "sizes": sizes}), flush=True)
 
 
-def measure_inprocess(plan: Plan) -> dict[str, Any]:
-    command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker", json.dumps(asdict(plan))]
-    finished = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
-    if finished.returncode != 0:
-        raise RuntimeError(f"the in-process worker failed:\n{finished.stderr[-3000:]}")
-    return dict(json.loads(finished.stdout.strip().splitlines()[-1]))
+class FloorWorker:
+    """The in-process floor's own process. It keeps its pipeline loaded between phases and waits on stdin,
+    using no CPU, while a server runs."""
+
+    def __init__(self) -> None:
+        command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> FloorWorker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def measure(self, family: str, plan: Plan) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"family": family, "plan": asdict(plan)}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process worker stopped (exit status {self.process.wait(timeout=60)})")
+        return dict(json.loads(line))
 
 
-def pooled_floor(phases: Sequence[dict[str, Any]], model: str, side: int) -> list[dict[str, Any]]:
+def pooled_floor(phases: Sequence[dict[str, Any]], side: int) -> list[dict[str, Any]]:
     levels = []
     for concurrency in CONCURRENCY:
-        parts = [Samples(**phase["families"][model][str(side)][str(concurrency)]) for phase in phases]
+        parts = [Samples(**phase["sizes"][str(side)][str(concurrency)]) for phase in phases]
         pooled = Samples([value for part in parts for value in part.latencies], sum(part.wall_s for part in parts))
         levels.append(asdict(pooled.level(concurrency)))
     return levels
@@ -220,45 +251,44 @@ def breakdown(before: dict[str, float], after: dict[str, float], client_latencie
     }
 
 
-def measure_served(server: TritonServer, plan: Plan) -> dict[str, Any]:
+def measure_served(server: TritonServer, model: str, plan: Plan) -> dict[str, Any]:
+    """Through Triton and through the capability layer, at every size and concurrency of ``plan``."""
     from capability import CapabilityLayer
 
     results: dict[str, Any] = {}
     with CapabilityLayer(server.options.state_dir) as layer, server.http_client() as statistics_client:
         authority = layer.create_authority("bench")
-        for family in FAMILY_MODELS:
-            model = TINY_PREFIX + family
-            handle = layer.mint("bench", authority.id, {"server_url": server.url, "default_model": model,
-                                                        "max_concurrent": max(CONCURRENCY)})
+        handle = layer.mint("bench", authority.id, {"server_url": server.url, "default_model": model,
+                                                    "max_concurrent": max(CONCURRENCY)})
 
-            def via_triton(client: Any, request: contract.TextToImage, model: str = model) -> object:
-                return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                    headers=server.headers)
+        def via_triton(client: Any, request: contract.TextToImage) -> object:
+            return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                headers=server.headers)
 
-            def via_capability(_client: Any, request: contract.TextToImage, handle: Any = handle) -> object:
-                return handle.text_to_image(request.prompt, {
-                    "width": request.width, "height": request.height,
-                    "numInferenceSteps": request.num_inference_steps, "seed": request.seed})
+        def via_capability(_client: Any, request: contract.TextToImage) -> object:
+            return handle.text_to_image(request.prompt, {
+                "width": request.width, "height": request.height,
+                "numInferenceSteps": request.num_inference_steps, "seed": request.seed})
 
-            def open_triton_client() -> Any:
-                return server.http_client(timeout_s=600)
+        def open_triton_client() -> Any:
+            return server.http_client(timeout_s=600)
 
-            for side in plan.sides:
-                warm_up = plan.requests(1, side)[:1]
-                run_concurrently(1, warm_up, via_triton, open_triton_client)
-                run_concurrently(1, warm_up, via_capability)
-                entry: dict[str, Any] = {"triton": [], "capability": []}
-                for concurrency in CONCURRENCY:
-                    work = plan.requests(concurrency, side)
-                    before = model_statistics(statistics_client, server, model)
-                    samples = run_concurrently(concurrency, work, via_triton, open_triton_client)
-                    if concurrency == 1:
-                        entry["triton_c1_breakdown"] = breakdown(
-                            before, model_statistics(statistics_client, server, model), samples.latencies)
-                    entry["triton"].append(asdict(samples.level(concurrency)))
-                    entry["capability"].append(asdict(run_concurrently(concurrency, work, via_capability)
-                                                      .level(concurrency)))
-                results.setdefault(model, {})[str(side)] = entry
+        for side in plan.sides:
+            warm_up = plan.requests(1, side)[:1]
+            run_concurrently(1, warm_up, via_triton, open_triton_client)
+            run_concurrently(1, warm_up, via_capability)
+            entry: dict[str, Any] = {"triton": [], "capability": []}
+            for concurrency in CONCURRENCY:
+                work = plan.requests(concurrency, side)
+                before = model_statistics(statistics_client, server, model)
+                samples = run_concurrently(concurrency, work, via_triton, open_triton_client)
+                if concurrency == 1:
+                    entry["triton_c1_breakdown"] = breakdown(
+                        before, model_statistics(statistics_client, server, model), samples.latencies)
+                entry["triton"].append(asdict(samples.level(concurrency)))
+                entry["capability"].append(asdict(run_concurrently(concurrency, work, via_capability)
+                                                  .level(concurrency)))
+            results[str(side)] = entry
         layer.generator.close()  # each thread's capability-layer connection, before the server stops
     return results
 
@@ -357,42 +387,45 @@ def draw_throughput(results: dict[str, Any], destination: Path) -> None:
 def run_suite(plan: Plan, png_iterations: int = 10) -> dict[str, Any]:
     from .bench import png_comparison
 
-    repository = build_tiny_repository()
-    sizes = ", ".join(f"{side}x{side}" for side in plan.sides)
     print(f"PNG + base64 against Pillow ({png_iterations} alternating runs per image)…", flush=True)
     png = png_comparison(png_iterations)
-    print(f"in-process floor, first half ({sizes}, {plan.steps} steps), no server running…", flush=True)
-    floor_phases = [measure_inprocess(plan.half())]
-    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir:
+    sizes = ", ".join(f"{side}x{side}" for side in plan.sides)
+    families: dict[str, Any] = {}
+    torch_threads = None
+    with FloorWorker() as floor, tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        for family in FAMILY_MODELS:
+            model = TINY_PREFIX + family
+            print(f"{model} ({sizes}, {plan.steps} steps): in-process, through Triton and the capability "
+                  "layer, in-process again…", flush=True)
+            phases = [floor.measure(family, plan.half())]
+            repository = build_tiny_repository(Path(scratch) / family / "repository", families=(family,))
+            with TritonServer(loopback_options(repository, Path(scratch) / family / "state")) as server:
+                served = measure_served(server, model, plan)
+            phases.append(floor.measure(family, plan.half()))
+            torch_threads = phases[0]["torch_threads"]
+            for side in plan.sides:
+                levels = {"inprocess": pooled_floor(phases, side), "triton": served[str(side)]["triton"],
+                          "capability": served[str(side)]["capability"]}
+                figures = {"levels": levels, "ratios": ratios(levels),
+                           "triton_c1_breakdown": served[str(side)]["triton_c1_breakdown"]}
+                if side == plan.sides[0]:
+                    families[model] = figures
+                else:
+                    families[model].setdefault("larger_sizes", {})[f"{side}x{side}"] = figures
+        print("every family on one server: start-up and memory…", flush=True)
         started = time.perf_counter()
-        with TritonServer(loopback_options(repository, Path(state_dir))) as server:
+        with TritonServer(loopback_options(build_tiny_repository(), Path(scratch) / "all" / "state")) as server:
             startup_s = time.perf_counter() - started
-            print(f"server READY in {startup_s:.1f} s; through Triton and through the capability layer…",
-                  flush=True)
             memory = server_memory(server)
-            served = measure_served(server, plan)
-    print("in-process floor, second half…", flush=True)
-    floor_phases.append(measure_inprocess(plan.half()))
 
     results: dict[str, Any] = {
-        "machine": {**machine(), "torch_threads": floor_phases[0]["torch_threads"]},
+        "machine": {**machine(), "torch_threads": torch_threads},
         "settings": {**asdict(plan), "concurrency": list(CONCURRENCY), "paths": list(PATHS)},
         "png_vs_pillow_1024": png["png_vs_pillow_1024"],
         "server": {"startup_to_ready_s": round(startup_s, 2), "memory": memory},
         "png": png,
-        "families": {},
+        "families": families,
     }
-    for family in FAMILY_MODELS:
-        model = TINY_PREFIX + family
-        for side in plan.sides:
-            entry = served[model][str(side)]
-            levels = {"inprocess": pooled_floor(floor_phases, model, side), "triton": entry["triton"],
-                      "capability": entry["capability"]}
-            figures = {"levels": levels, "ratios": ratios(levels), "triton_c1_breakdown": entry["triton_c1_breakdown"]}
-            if side == plan.sides[0]:
-                results["families"][model] = figures
-            else:
-                results["families"][model].setdefault("larger_sizes", {})[f"{side}x{side}"] = figures
     for key, name in FOLDED_FILES.items():
         if (RESULTS_DIR / name).is_file():
             results[key] = json.loads((RESULTS_DIR / name).read_text())
@@ -462,9 +495,6 @@ def main_suite(plan: Plan) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inprocess-worker"]:
-        arguments = json.loads(sys.argv[2])
-        worker_plan = Plan(tuple(arguments["sides"]), arguments["steps"], arguments["rounds"],
-                           arguments["solo_rounds"])
-        print(json.dumps(inprocess_worker(worker_plan)))
+        inprocess_worker()
         sys.exit(0)
     sys.exit(main_suite(DEFAULT))

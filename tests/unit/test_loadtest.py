@@ -77,9 +77,9 @@ def test_plan_gives_solo_rounds_at_concurrency_one_and_rounds_per_client_above()
 def test_pooled_floor_merges_latencies_and_wall_time_of_both_phases() -> None:
     def phase(latency: float, wall: float) -> dict[str, object]:
         levels = {str(c): {"latencies": [latency] * c, "wall_s": wall} for c in loadtest.CONCURRENCY}
-        return {"families": {"m": {"256": levels}}}
+        return {"sizes": {"256": levels}}
 
-    levels = pooled_floor([phase(0.1, 1.0), phase(0.3, 3.0)], "m", 256)
+    levels = pooled_floor([phase(0.1, 1.0), phase(0.3, 3.0)], 256)
     assert levels[0] == {"concurrency": 1, "requests": 2, "p50_ms": 200.0, "p95_ms": 300.0, "throughput_per_s": 0.5}
     assert levels[-1]["requests"] == 16
 
