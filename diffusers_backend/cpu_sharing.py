@@ -3,23 +3,25 @@
 Triton runs each instance of a Python-backend model in a process of its own, and each process has its own
 torch thread pool. On the CPU that forces a bad choice (measured in README.md, "Batching and instances"):
 
-- one thread per instance, two instances on two cores: 1.9x the throughput of one instance under load, but a
+- one thread per instance, two instances on two cores: more throughput under load than one instance, but a
   lone request takes 25 % longer than with every core;
 - every core for every instance: a lone request is fast, but two busy instances oversubscribe the cores and
   OpenMP's spinning threads collapse throughput to a tenth.
 
-:class:`CoreSharing` avoids both: an instance uses ``cores // busy`` threads, ``busy`` being the number of
-instances of its model generating right now, re-counted before every denoising step (a step is the unit of
-work that can change its thread count). A lone request gets every core; under load each instance gets its
-share.
+:class:`CoreSharing` avoids both. The cores are tokens: one lock file per core, shared by the instances of a
+model, and an instance runs as many torch threads as it holds tokens. An instance takes its fair share
+(``cores // busy instances``) of the free tokens when it starts a generation and re-balances before every
+denoising step (the unit of work whose thread count can change): it hands back tokens above its share when
+more instances are busy, and takes free ones when fewer are. An instance that finds no free token waits for a
+peer's next step. So a lone request gets every core, busy instances split them, and the threads of all
+instances together never outnumber the cores.
 
-Busy instances are counted with ``flock``: each instance holds an exclusive lock on a file of its own while it
-generates, and counts the peer files it cannot lock. The kernel drops a lock when its process dies, so a
-crashed instance never counts as busy. The files live in a private per-user directory, one group per server
-process and model.
+Busy instances are counted with ``flock`` too: each instance holds an exclusive lock on a file of its own
+while it generates. The kernel drops a dead process's locks, so a crashed instance never holds tokens or
+counts as busy. The files live in a private per-user directory, one group per server process and model.
 
 The thread count changes floating-point summation order: an image can differ by one uint8 step in a few
-pixels (about 0.004 % of them, measured on the tiny models) between a request that ran with all the cores and
+pixels (0.001 to 0.004 % of them, measured on the tiny models) between a request that ran with every core and
 one that ran with a share. README.md states what that does to reproducibility.
 """
 
@@ -30,6 +32,7 @@ import logging
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -37,6 +40,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".busy"
+CORE_PREFIX = "core-"
+_WAIT_FOR_CORE_S = 0.001
+"""Polling interval while every core is held by peers (each gives its extra ones back at its next step)."""
 
 
 def available_cores() -> int:
@@ -74,7 +80,10 @@ class CoreSharing:
         """Threads last set; 0 before the first generation."""
         group.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._own_path = group / f"{name or os.getpid()}{LOCK_SUFFIX}"
-        self._own = os.open(self._own_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._own = _open(self._own_path)
+        self._core_locks = [_open(group / f"{CORE_PREFIX}{index}") for index in range(cores)]
+        self._held: list[int] = []
+        """Indexes of the core tokens this instance holds."""
         self._peers: dict[Path, int] = {}
 
     @classmethod
@@ -89,32 +98,28 @@ class CoreSharing:
 
     @contextmanager
     def generating(self) -> Iterator[None]:
-        """Count this instance as busy for the duration, with its share of the cores."""
+        """Count this instance as busy and hold its share of the cores for the duration."""
         fcntl.flock(self._own, fcntl.LOCK_EX)
         try:
             self._refresh_peers()
-            self._set(self._share())
+            self._take(self._share())
+            while not self._held:
+                time.sleep(_WAIT_FOR_CORE_S)
+                self._take(self._share())
+            self._apply()
             yield
         finally:
+            self._release(len(self._held))
             fcntl.flock(self._own, fcntl.LOCK_UN)
 
     def rebalance(self) -> None:
-        """Between steps: give up threads if more instances are busy now than when this generation started.
-
-        Never takes threads back mid-generation: a peer that finished one batch usually starts the next
-        within milliseconds, and one step with more threads than cores costs more (OpenMP threads spin
-        waiting for a descheduled peer) than a step with too few."""
+        """Between steps: hand back the tokens above this instance's share, or take free ones up to it."""
         share = self._share()
-        if share < self.threads:
-            self._set(share)
-
-    def _share(self) -> int:
-        return max(1, self.cores // (1 + self.busy_peers()))
-
-    def _set(self, threads: int) -> None:
-        if threads != self.threads:
-            self._set_threads(threads)
-            self.threads = threads
+        if len(self._held) > share:
+            self._release(len(self._held) - share)
+        else:
+            self._take(share)
+        self._apply()
 
     def busy_peers(self) -> int:
         busy = 0
@@ -128,13 +133,39 @@ class CoreSharing:
         return busy
 
     def close(self) -> None:
-        for descriptor in self._peers.values():
+        for descriptor in [*self._peers.values(), *self._core_locks, self._own]:
             os.close(descriptor)
         self._peers.clear()
-        os.close(self._own)
         self._own_path.unlink(missing_ok=True)
-        with suppress(OSError):  # not empty: the last instance of the group to stop removes it
-            self.group.rmdir()
+        if not list(self.group.glob(f"*{LOCK_SUFFIX}")):  # the last instance of the group to stop cleans up
+            for core in self.group.glob(f"{CORE_PREFIX}*"):
+                core.unlink(missing_ok=True)
+            with suppress(OSError):  # an instance starting right now may have put a file back
+                self.group.rmdir()
+
+    def _share(self) -> int:
+        return max(1, self.cores // (1 + self.busy_peers()))
+
+    def _take(self, share: int) -> None:
+        for index, descriptor in enumerate(self._core_locks):
+            if len(self._held) >= share:
+                return
+            if index in self._held:
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            self._held.append(index)
+
+    def _release(self, count: int) -> None:
+        for _ in range(count):
+            fcntl.flock(self._core_locks[self._held.pop()], fcntl.LOCK_UN)
+
+    def _apply(self) -> None:
+        if len(self._held) != self.threads:
+            self.threads = len(self._held)
+            self._set_threads(self.threads)
 
     def _refresh_peers(self) -> None:
         # Instances start and stop rarely: look for new peer files once per batch, not at every step.
@@ -146,3 +177,7 @@ class CoreSharing:
                 self._peers[path] = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:  # removed in between by an instance that stopped
                 continue
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

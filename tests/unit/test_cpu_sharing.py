@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import ExitStack
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,32 @@ class Instance:
         self.sharing = CoreSharing(group, cores, self.calls.append, name=name)
 
 
+class Generation:
+    """An instance generating on a thread of its own until told to stop, as a peer process would."""
+
+    def __init__(self, instance: Instance) -> None:
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(instance,))
+        self.thread.start()
+
+    def _run(self, instance: Instance) -> None:
+        with instance.sharing.generating():
+            self.started.set()
+            self.stop.wait(timeout=30)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def group(tmp_path: Path) -> Path:
     return tmp_path / "server-model"
@@ -39,35 +67,38 @@ def test_generating_takes_every_core_when_no_peer_is_busy(group: Path) -> None:
     assert idle_peer.calls == []
 
 
-def test_generating_takes_an_equal_share_when_peers_are_busy(group: Path) -> None:
-    first, second, third = Instance(group, "a"), Instance(group, "b"), Instance(group, "c", cores=4)
-    with first.sharing.generating(), second.sharing.generating():
+def test_a_peer_waits_for_cores_until_the_busy_instance_hands_back_its_extra_ones_at_a_step(group: Path) -> None:
+    first, second = Instance(group, "a"), Instance(group, "b")
+    with first.sharing.generating():
+        assert first.calls == [4]
+        peer = Generation(second)
+        wait_until(lambda: first.sharing.busy_peers() == 1)
+        assert not peer.started.is_set()  # every core is taken: the peer may not oversubscribe them
+        first.sharing.rebalance()
+        assert first.calls == [4, 2]
+        assert peer.started.wait(timeout=10)
         assert second.calls == [2]
-        with third.sharing.generating():
-            assert third.calls == [1]  # 4 cores // 3 busy
-
-
-def test_rebalance_gives_up_threads_when_a_peer_starts_mid_generation(group: Path) -> None:
-    first, second = Instance(group, "a"), Instance(group, "b")
-    with first.sharing.generating(), second.sharing.generating():
+        peer.finish()
         first.sharing.rebalance()
-    assert first.calls == [4, 2]
+        assert first.calls == [4, 2, 4]  # free again: taken back at the next step
 
 
-def test_rebalance_keeps_its_threads_when_a_peer_stops_mid_generation(group: Path) -> None:
-    first, second = Instance(group, "a"), Instance(group, "b")
-    peer = ExitStack()
-    peer.enter_context(second.sharing.generating())
+def test_instances_never_hold_more_threads_than_cores_when_three_share_four(group: Path) -> None:
+    first, second, third = (Instance(group, name) for name in "abc")
     with first.sharing.generating():
-        peer.close()  # the peer finishes while the first is mid-way
+        peers = [Generation(second), Generation(third)]
+        wait_until(lambda: first.sharing.busy_peers() == 2)
         first.sharing.rebalance()
-        assert first.calls == [2]
-    with first.sharing.generating():
-        assert first.calls == [2, 4]  # taken back at the next generation
+        for peer in peers:
+            assert peer.started.wait(timeout=10)
+        first.sharing.rebalance()
+        threads = [instance.calls[-1] for instance in (first, second, third)]
+        assert threads == [1, 1, 1]  # 4 // 3 each; the fourth core stays free rather than unfairly given
+        for peer in peers:
+            peer.finish()
 
 
-def test_busy_peers_counts_none_when_a_peer_process_died_holding_its_lock(group: Path) -> None:
-    first = Instance(group, "a")
+def test_a_waiting_instance_gets_the_cores_when_their_holder_process_dies(group: Path) -> None:
     child = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -77,17 +108,19 @@ def test_busy_peers_counts_none_when_a_peer_process_died_holding_its_lock(group:
         "    print('busy', flush=True)\n"
         "    sys.stdin.read()\n"
     )
+    waiting = Instance(group, "a")
     with subprocess.Popen([sys.executable, "-c", child, str(group)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           text=True, cwd=Path(__file__).parents[2]) as holder:
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline() == "busy\n"
-            with first.sharing.generating():
-                assert first.calls == [2]
+            peer = Generation(waiting)
+            assert not peer.started.wait(timeout=0.2)  # the child holds every core
             holder.send_signal(signal.SIGKILL)
             holder.wait(timeout=30)
-            with first.sharing.generating():
-                assert first.calls == [2, 4]  # the kernel released the dead process's lock
+            assert peer.started.wait(timeout=10)  # the kernel released the dead process's locks
+            assert waiting.calls == [4]
+            peer.finish()
         finally:
             holder.kill()
 
@@ -95,7 +128,7 @@ def test_busy_peers_counts_none_when_a_peer_process_died_holding_its_lock(group:
 def test_close_removes_the_lock_file_and_the_group_when_the_last_instance_stops(group: Path) -> None:
     first, second = Instance(group, "a"), Instance(group, "b")
     first.sharing.close()
-    assert sorted(path.name for path in group.iterdir()) == ["b.busy"]
+    assert sorted(path.name for path in group.iterdir()) == ["b.busy", "core-0", "core-1", "core-2", "core-3"]
     second.sharing.close()
     assert not group.exists()
 
