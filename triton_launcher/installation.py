@@ -21,6 +21,17 @@ from .errors import InstallationError
 BUNDLED_ROOT = Path(sys.prefix) / "tritonserver"
 """Where scripts/lib/bootstrap.sh unpacks the wheel's ``pytriton/tritonserver`` and ``nvidia_pytriton.libs``."""
 
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864"
+"""glibc malloc settings for the server and its stubs (``GLIBC_TUNABLES``, glibc 2.26 and later).
+
+By default glibc maps every block over 128 KiB with mmap and returns it on free, and trims the heap above
+128 KiB: each denoising step's tensors then come from freshly zeroed pages, and page faults cost tiny-flux
+(256², 4 steps, 2 CPUs) 8-12 ms of system time per 35-45 ms request. Blocks up to 32 MiB (glibc's maximum
+threshold on 64-bit) from the heap, and up to 64 MiB of free heap kept, made the same request 15-20 % faster
+in-process and through Triton alike, with no system time left (README.md, "Serving environment"). The
+thresholds are fixed, so glibc's own adaptive threshold (which reaches the same state only after a large
+batch happens to have run) is off."""
+
 _STUB = "triton_python_backend_stub"
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
@@ -35,7 +46,7 @@ class TritonInstallation:
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The server's environment: this Python's bin/ first on PATH (the stub runs model.py with the Python
         it finds there, and imports from its site-packages) and the libraries the stub needs."""
-        env = dict(os.environ if base is None else base)
+        env = with_malloc_tunables(dict(os.environ if base is None else base))
         python_bin = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([python_bin, env.get("PATH", "")]).rstrip(os.pathsep)
         if self.library_path:
@@ -44,6 +55,14 @@ class TritonInstallation:
                 parts.append(env["LD_LIBRARY_PATH"])
             env["LD_LIBRARY_PATH"] = os.pathsep.join(parts)
         return env
+
+
+def with_malloc_tunables(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`MALLOC_TUNABLES` in ``GLIBC_TUNABLES``; tunables already set there come after ours,
+    and glibc lets the last setting of a tunable win, so an operator's own choice stays in force."""
+    existing = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{MALLOC_TUNABLES}:{existing}" if existing else MALLOC_TUNABLES
+    return env
 
 
 def find_installation(executable: Path | None = None) -> TritonInstallation:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract
+from .installation import with_malloc_tunables
 from .paths import PROJECT_ROOT, TINY_PIPELINES
 from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
 from .server import TritonServer, loopback_options
@@ -191,7 +192,9 @@ class FloorWorker:
 
     def __init__(self) -> None:
         command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker"]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # The server's malloc settings too: the floor is the same code in the same conditions, minus Triton.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=with_malloc_tunables(dict(os.environ)))
 
     def __enter__(self) -> FloorWorker:
         return self

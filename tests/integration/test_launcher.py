@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from triton_launcher.errors import ServerStartError
+from triton_launcher.installation import MALLOC_TUNABLES
 from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.repository import TINY_CPU_INSTANCES, with_parameters
 from triton_launcher.server import TritonServer, free_ports
@@ -50,8 +51,13 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
 
             server_process = psutil.Process(description["pid"])
             family = [server_process, *server_process.children(recursive=True)]
-            stubs = sum("triton_python_backend_stub" in p.name() for p in family)
-            assert stubs == len(TINY_MODELS) * TINY_CPU_INSTANCES
+            stubs = [p for p in family if "triton_python_backend_stub" in p.name()]
+            assert len(stubs) == len(TINY_MODELS) * TINY_CPU_INSTANCES
+            for stub in stubs:
+                # glibc's loader (2.36) parses GLIBC_TUNABLES in place, writing a NUL after each tunable, so
+                # /proc shows them as separate strings: join them back before looking.
+                environment = Path(f"/proc/{stub.pid}/environ").read_bytes().replace(b"\0", b":")
+                assert f"GLIBC_TUNABLES={MALLOC_TUNABLES}".encode() in environment
 
             launcher.send_signal(signal.SIGINT)
             assert launcher.wait(timeout=120) == 0
