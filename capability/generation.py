@@ -7,12 +7,11 @@ encoding, and the capability's allowlist and limits. The concurrency slot is tak
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,16 +136,62 @@ def check_grant(grant: Grant, options: Options) -> str:
     return model_id
 
 
+class LeaseRenewer:
+    """Renews every concurrency lease this layer holds, from one daemon thread, every third of a lease's life,
+    so that only a holder that died loses its slot. One thread for all requests: a thread per request cost
+    about a millisecond each to start and join."""
+
+    def __init__(self, capabilities: Capabilities) -> None:
+        self.capabilities = capabilities
+        self._leases: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: str, entity: str, capability_id: str) -> None:
+        with self._lock:
+            self._leases[lease] = (entity, capability_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="capability-lease-renewer", daemon=True)
+                self._thread.start()
+
+    def discard(self, lease: str) -> None:
+        with self._lock:
+            self._leases.pop(lease, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def renew_all(self) -> None:
+        with self._lock:
+            leases = list(self._leases.items())
+        for lease, (entity, capability_id) in leases:
+            try:
+                self.capabilities.renew_slot(entity, capability_id, lease)
+            except Exception:  # the generation cannot be stopped from here: say so, keep trying
+                logger.warning("lease %s of %s could not be renewed", lease, capability_id, exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 3):
+            self.renew_all()
+
+
 class TextToImage:
     """The capability layer's entry point: ``text_to_image(entity, capability_id, prompt, options)``."""
 
     def __init__(self, store: Store, state_dir: Path | None) -> None:
         self.capabilities = Capabilities(store)
         self.keys = ServerKeys(store, state_dir)
+        self.renewer = LeaseRenewer(self.capabilities)
         self._gateways: dict[str, TritonGateway] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        self.renewer.close()
         with self._lock:
             gateways, self._gateways = list(self._gateways.values()), {}
         for gateway in gateways:
@@ -163,55 +208,50 @@ class TextToImage:
                       options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Generate one image; the result is ``{image, width, height, format, seed, model}``."""
         grant = self.capabilities.authorize(entity, capability_id)  # records its own denials
-        audit: dict[str, Any] = {"model": None, "width": None, "height": None, "steps": None}
+        audit: dict[str, Any] = {"entity": entity, "capability_id": capability_id, "action": "generate",
+                                 "model": None, "width": None, "height": None, "steps": None}
+        lease: str | None = None
         try:
-            checked_prompt = check_prompt(prompt)
-            checked = parse_options(options)
-            model_id = check_grant(grant, checked)
-            audit.update(model=model_id, width=checked.width, height=checked.height, steps=checked.steps)
-            gateway = self.gateway(grant.params.server_url)
-            triton_model = gateway.resolve(model_id)
-            request = contract.TextToImage(
-                checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
-                height=checked.height, num_inference_steps=checked.steps, guidance_scale=checked.guidance_scale,
-                seed=checked.seed,
-            )
-            with self._slot(entity, capability_id):
+            try:
+                checked_prompt = check_prompt(prompt)
+                checked = parse_options(options)
+                model_id = check_grant(grant, checked)
+                audit.update(model=model_id, width=checked.width, height=checked.height, steps=checked.steps)
+                gateway = self.gateway(grant.params.server_url)
+                triton_model = gateway.resolve(model_id)
+                request = contract.TextToImage(
+                    checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
+                    height=checked.height, num_inference_steps=checked.steps,
+                    guidance_scale=checked.guidance_scale, seed=checked.seed,
+                )
+                # Re-checks the grant and takes a slot in one transaction, just before the server call.
+                lease = self.capabilities.acquire_slot(entity, capability_id)
+                self.renewer.add(lease, entity, capability_id)
                 generated = gateway.generate(triton_model, request)
-            height, width, _ = generated.image.shape
-            result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
-                      "format": "png", "seed": generated.seed, "model": model_id}
-        except CapabilityError as error:
-            outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
-            self.capabilities.record(entity, capability_id, "generate", outcome, detail=str(error), **audit)
-            raise
-        except Exception as error:
-            self.capabilities.record(entity, capability_id, "generate", "failed",
-                                     detail=f"{type(error).__name__}: {error}", **audit)
-            raise
-        self.capabilities.record(entity, capability_id, "generate", "ok", model=model_id, width=width,
-                                 height=height, steps=checked.steps)
-        return result
-
-    @contextlib.contextmanager
-    def _slot(self, entity: str, capability_id: str) -> Iterator[None]:
-        """Re-check the grant and hold a concurrency slot for the duration, renewing its lease so that only a
-        dead holder loses it."""
-        lease = self.capabilities.acquire_slot(entity, capability_id)
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(LEASE_SECONDS / 3):
-                try:
-                    self.capabilities.renew_slot(entity, capability_id, lease)
-                except Exception:  # the generation cannot be stopped from here: say so, keep trying
-                    logger.warning("lease %s of %s could not be renewed", lease, capability_id, exc_info=True)
-
-        renewer = threading.Thread(target=renew, name=f"lease-{lease[:12]}", daemon=True)
-        renewer.start()
-        try:
-            yield
+                height, width, _ = generated.image.shape
+                result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
+                          "format": "png", "seed": generated.seed, "model": model_id}
+            except CapabilityError as error:
+                outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
+                taken, lease = lease, None
+                self._finish(taken, {**audit, "outcome": outcome, "detail": str(error)})
+                raise
+            except Exception as error:
+                taken, lease = lease, None
+                self._finish(taken, {**audit, "outcome": "failed", "detail": f"{type(error).__name__}: {error}"})
+                raise
+            taken, lease = lease, None
+            self._finish(taken, {**audit, "outcome": "ok", "width": width, "height": height})
+            return result
         finally:
-            done.set()
-            renewer.join()
-            self.capabilities.release_slot(lease)
+            if lease is not None:  # interrupted (KeyboardInterrupt, SystemExit): free the slot, audit nothing
+                self.renewer.discard(lease)
+                self.capabilities.release_slot(lease)
+
+    def _finish(self, lease: str | None, record: dict[str, Any]) -> None:
+        """Audit the outcome and, if a slot was taken, free it in the same transaction."""
+        if lease is None:
+            self.capabilities.record(**record)
+        else:
+            self.renewer.discard(lease)
+            self.capabilities.release_slot(lease, record)

@@ -371,3 +371,36 @@ def test_refused_mint_parameters_are_audited_against_the_authority(caps: Capabil
 def test_canonical_server_url_refuses_malformed_hosts_and_ports(url: str) -> None:
     with pytest.raises(InvalidParamsError, match="server_url"):
         canonical_server_url(url)
+
+
+def test_release_slot_audits_the_generation_in_the_same_transaction_when_given_a_record(
+    caps: Capabilities, authority: str
+) -> None:
+    capability = minted(caps, authority, max_concurrent=1)
+    lease = caps.acquire_slot("admin", capability)
+    caps.release_slot(lease, {"entity": "admin", "capability_id": capability, "action": "generate",
+                              "outcome": "ok", "model": "sd15", "width": 64, "height": 64, "steps": 2})
+    assert caps.acquire_slot("admin", capability)  # the slot is free again
+    last = caps.audit_log("admin", capability)[-1]
+    assert (last["action"], last["outcome"], last["model"], last["width"], last["steps"]) == (
+        "generate", "ok", "sd15", 64, 2)
+
+
+def test_lease_renewer_extends_only_the_leases_it_holds_when_it_renews(
+    caps: Capabilities, authority: str, clock: Clock
+) -> None:
+    from capability.generation import LeaseRenewer
+
+    capability = minted(caps, authority, max_concurrent=2)
+    held, dropped = caps.acquire_slot("admin", capability), caps.acquire_slot("admin", capability)
+    renewer = LeaseRenewer(caps)
+    renewer.add(held, "admin", capability)
+    renewer.add(dropped, "admin", capability)
+    renewer.discard(dropped)
+    clock.now += 20
+    renewer.renew_all()
+    clock.now += 20  # 40 s after both were taken: only the renewed one is still alive
+    assert caps.acquire_slot("admin", capability)
+    with pytest.raises(ConcurrencyLimitError):
+        caps.acquire_slot("admin", capability)
+    renewer.close()
