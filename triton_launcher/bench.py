@@ -6,6 +6,7 @@ machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -84,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knobs", action="store_true",
                         help="serve tiny models under several batching and instance settings (bench/knobs.json)")
     parser.add_argument("--iterations", type=int, default=10, help="with --png: timed encodes per image")
+    parser.add_argument("--report", action="store_true",
+                        help="print the tables of bench/results.json (with knobs and perf_analyzer) and exit")
     arguments = parser.parse_args(argv)
+    if arguments.report:
+        loadtest.print_report(json.loads((loadtest.RESULTS_DIR / "results.json").read_text()))
+        return 0
     if arguments.png:
         print_png_table(png_comparison(arguments.iterations))
         return 0

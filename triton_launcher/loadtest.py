@@ -471,6 +471,36 @@ def print_table(results: dict[str, Any]) -> None:
           f"(png_vs_pillow_1024 = {results['png_vs_pillow_1024']:.3f})")
 
 
+def print_report(results: dict[str, Any]) -> None:
+    """Everything in a results.json as the Markdown tables README.md shows."""
+    machine_figures = results["machine"]
+    print(f"{machine_figures['date']}, commit {machine_figures['commit'][:10]}: {machine_figures['cpus']} CPUs "
+          f"({machine_figures['cpu']}), torch {machine_figures['versions']['torch']} with "
+          f"{machine_figures['torch_threads']} threads, Python {machine_figures['python']}")
+    print_table(results)
+    print()
+    from .bench import print_png_table
+
+    print_png_table(results["png"])
+    knobs = results.get("knobs")
+    if knobs:
+        for model, settings in knobs["models"].items():
+            print(f"\n| {model}, {knobs['settings']['sides'][0]}², {knobs['settings']['steps']} steps | "
+                  + " | ".join(f"c={c}" for c in CONCURRENCY) + " |")
+            print("|---|" + "---|" * len(CONCURRENCY))
+            for name, entry in settings.items():
+                print(f"| {name} | " + " | ".join(f"{level['p50_ms']:.0f} ms, {level['throughput_per_s']:.1f}/s"
+                                                 for level in entry["levels"]) + " |")
+    perf = results.get("perf_analyzer")
+    if perf:
+        print("\n| perf_analyzer | " + " | ".join(f"c={c}" for c in CONCURRENCY) + " |")
+        print("|---|" + "---|" * len(CONCURRENCY))
+        for model, levels in perf["families"].items():
+            shown = [level for level in levels if level["concurrency"] in CONCURRENCY]
+            print(f"| {model} | " + " | ".join(f"{level['throughput_per_s']:.1f}/s, p50 {level['p50_ms']:.0f} ms"
+                                               for level in shown) + " |")
+
+
 def write_results(results: dict[str, Any]) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
