@@ -128,6 +128,10 @@ def server_arguments(options: ServerOptions, installation: TritonInstallation, i
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
         "--model-control-mode=none",
+        # Rate limiting by execution count, no resources declared: nothing is held back, but among a model's
+        # free instances Triton picks the lowest executions x priority, so a config can prefer one instance
+        # (repository.py gives the spare CPU instances of the tiny models priority 1000).
+        "--rate-limit=execution_count",
         "--strict-readiness=true",
         "--exit-on-error=true",
         "--disable-auto-complete-config",

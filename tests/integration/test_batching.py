@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from triton_launcher import contract
+from triton_launcher.repository import TINY_CPU_INSTANCES
 
 from .conftest import Generator
 
@@ -32,17 +33,19 @@ def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_t
     inferences_before, executions_before = counts(generator)
 
     with generator.server.http_client(timeout_s=300, concurrency=len(mixed) + 1) as client:
-        # A long request occupies the model's one instance, so requests that follow queue up and the dynamic
-        # batcher hands them to the model together (max_batch_size is 4). Arrival order is the network's:
-        # whatever comes first runs alone, but each request takes long enough that the next ones queue.
-        blocker = contract.TextToImage("blocker", width=512, height=512, num_inference_steps=30, seed=0)
+        # Long requests occupy the model's instances (one each), so requests that follow queue up and the
+        # dynamic batcher hands them to the first instance that frees, together (max_batch_size is 4).
+        # Arrival order is the network's: a blocker may come after a mixed request, which then runs alone.
+        blockers = [contract.TextToImage(f"blocker {index}", width=512, height=512, num_inference_steps=30, seed=index)
+                    for index in range(TINY_CPU_INSTANCES)]
         pending = [client.async_infer(MODEL, request.http_inputs(), outputs=contract.http_outputs(),
-                                      headers=generator.server.headers) for request in (blocker, *mixed)]
-        results = [contract.read_result(handle.get_result()) for handle in pending][1:]
+                                      headers=generator.server.headers) for request in (*blockers, *mixed)]
+        results = [contract.read_result(handle.get_result()) for handle in pending][len(blockers):]
 
     inferences, executions = counts(generator)
-    assert inferences - inferences_before == len(mixed) + 1
-    assert executions - executions_before < len(mixed) + 1, "no two requests were batched together"
+    sent = len(mixed) + TINY_CPU_INSTANCES
+    assert inferences - inferences_before == sent
+    assert executions - executions_before < sent, "no two requests were batched together"
     for request, result in zip(mixed, results, strict=True):
         assert result.image.shape == (request.height, request.width, 3)
         assert result.seed == request.seed
@@ -54,3 +57,22 @@ def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_t
 def _options(request: contract.TextToImage) -> dict[str, Any]:
     return {"prompt": request.prompt, "width": request.width, "height": request.height,
             "num_inference_steps": request.num_inference_steps, "seed": request.seed}
+
+
+def test_lone_requests_keep_going_to_the_preferred_instance_when_the_model_is_otherwise_idle(
+    generator: Generator,
+) -> None:
+    import psutil
+
+    assert generator.server.process is not None
+    stubs = [process for process in psutil.Process(generator.server.process.pid).children(recursive=True)
+             if f"/{MODEL}/1/model.py" in " ".join(process.cmdline())]
+    assert len(stubs) == TINY_CPU_INSTANCES
+    generator.generate(MODEL, prompt="warm", width=64, height=64, num_inference_steps=2, seed=1)
+    before = [sum(stub.cpu_times()[:2]) for stub in stubs]
+    for seed in range(8):
+        generator.generate(MODEL, prompt="one at a time", width=128, height=128, num_inference_steps=4, seed=seed)
+    spent = sorted(sum(stub.cpu_times()[:2]) - start for stub, start in zip(stubs, before, strict=True))
+    # The spare instance (rate-limiter priority 1000) gets at most one of them: its executions x priority
+    # passes the first instance's only after a thousand of the latter's.
+    assert spent[-1] > 4 * spent[0], f"CPU seconds per instance: {spent}"

@@ -97,7 +97,8 @@ def test_knobs_apply_rewrites_instances_batching_and_parameters_of_a_tiny_config
     config = config.replace("kind: KIND_GPU", "kind: KIND_CPU")
     changed = Knobs(instances=3, max_batch_size=8, queue_delay_us=2000, preferred_batch_size=8,
                     parameters={"cpu_threads": "1"}).apply(config)
-    assert "kind: KIND_CPU count: 3" in changed
+    assert changed.count("kind: KIND_CPU count: 1") == 3
+    assert changed.count("priority: 1000") == 2
     assert "max_batch_size: 8" in changed
     assert "preferred_batch_size: [ 8 ]\n  max_queue_delay_microseconds: 2000" in changed
     assert read_parameters(changed)["cpu_threads"] == "1"

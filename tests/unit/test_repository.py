@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from triton_launcher.paths import MODEL_REPOSITORY
-from triton_launcher.repository import FAMILY_MODELS, read_parameters, tiny_config, with_parameters
+from triton_launcher.repository import (
+    FAMILY_MODELS,
+    TINY_CPU_INSTANCES,
+    cpu_instance_groups,
+    read_parameters,
+    tiny_config,
+    with_parameters,
+)
 
 
 @pytest.mark.parametrize("model", FAMILY_MODELS)
@@ -18,7 +25,7 @@ def test_tiny_config_changes_only_name_kind_and_weights_when_derived(model: str,
 
     assert f'name: "tiny-{model}"' in tiny
     assert "KIND_GPU" not in tiny
-    assert "kind: KIND_CPU" in tiny
+    assert cpu_instance_groups(TINY_CPU_INSTANCES) in tiny
     real_parameters, tiny_parameters = read_parameters(real), read_parameters(tiny)
     assert tiny_parameters["model_id"] == f"tiny-{model}"
     assert tiny_parameters["model_source"] == f"../../pipelines/tiny-{model}"
@@ -38,3 +45,11 @@ def test_with_parameters_keeps_list_commas_valid_when_the_last_entry_is_removed(
     assert read_parameters(added) == {"a": "1", "b": "2", "c": "3"}
     assert added.count("},") == 2
     assert added.rstrip().endswith('"3" } }\n]')
+
+
+def test_cpu_instance_groups_prefers_the_first_instance_when_several_are_asked_for() -> None:
+    assert cpu_instance_groups(1) == "instance_group [ { kind: KIND_CPU count: 1 rate_limiter { priority: 1 } } ]"
+    groups = cpu_instance_groups(3)
+    assert groups.count("count: 1") == 3
+    assert groups.index("priority: 1 ") < groups.index("priority: 1000")
+    assert groups.count("priority: 1000") == 2
