@@ -162,4 +162,26 @@ def load_pipeline(settings: ModelSettings, placement: Placement, folder: Path, t
             f"model {settings.model_id!r}: loading {traits.family.pipeline_class} from {folder} failed: {error}"
         ) from error
     pipeline.set_progress_bar_config(disable=True)
+    apply_speed_settings(pipeline, traits, settings)
     return pipeline
+
+
+def apply_speed_settings(pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> None:
+    """channels_last, attention_backend and torch_compile, in that order (compile sees the final module)."""
+    import torch
+
+    denoiser_name = traits.family.denoiser
+    denoiser = getattr(pipeline, denoiser_name)
+    if settings.channels_last and denoiser_name == "unet":
+        denoiser.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+    if settings.attention_backend is not None:
+        try:
+            denoiser.set_attention_backend(settings.attention_backend)
+        except (ValueError, RuntimeError, ImportError) as error:
+            raise ModelLoadError(
+                f"model {settings.model_id!r}: parameter attention_backend={settings.attention_backend!r} "
+                f"cannot be used: {error}"
+            ) from error
+    if settings.torch_compile is not None:
+        setattr(pipeline, denoiser_name, torch.compile(denoiser, mode=settings.torch_compile))

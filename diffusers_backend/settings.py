@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ModelConfigError
 
 TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile``'s modes (https://docs.pytorch.org/docs/stable/generated/torch.compile.html)."""
 DEFAULT_MAX_PROMPT_BYTES = 4096
 """Longest prompt accepted by default, in UTF-8 bytes (the capability layer applies the same bound)."""
 MAX_T5_SEQUENCE_LENGTH = 512
@@ -51,6 +53,15 @@ class ModelSettings:
     """FLUX only: > 1 enables true classifier-free guidance, and with it NEGATIVE_PROMPT (two passes a step)."""
     cpu_threads: int | None = None
     """torch intra-op threads of a CPU instance generating alone; None: every core the process may use."""
+    channels_last: bool = False
+    """Store the UNet's and the VAE's activations channels-last (NHWC), which convolution kernels on recent
+    GPUs prefer; transformer families keep their layout."""
+    attention_backend: str | None = None
+    """diffusers attention backend of the denoiser (``set_attention_backend``), e.g. ``native``, ``flash``,
+    ``_native_cudnn``; None: diffusers' default (PyTorch SDPA)."""
+    torch_compile: str | None = None
+    """``torch.compile`` the denoiser with this mode (one of :data:`TORCH_COMPILE_MODES`); None: eager. The
+    load's warm-up then compiles, so start-up takes longer and the first request does not."""
     share_cpu_cores: bool = True
     """With several CPU instances: each takes ``cpu_threads // busy instances`` threads, re-counted at every
     denoising step (see cpu_sharing.py). False: each always uses ``cpu_threads``."""
@@ -133,6 +144,14 @@ def _optional_integer(key: str, text: str) -> int | None:
     return _integer(key, text) if text else None
 
 
+def _compile_mode(key: str, text: str) -> str | None:
+    if not text:
+        return None
+    if text not in TORCH_COMPILE_MODES:
+        raise ModelConfigError(f"parameter {key}={text!r} is invalid: must be one of {list(TORCH_COMPILE_MODES)}")
+    return text
+
+
 def _boolean(key: str, text: str) -> bool:
     lowered = text.lower()
     if lowered not in ("true", "false"):
@@ -171,4 +190,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "true_cfg_scale": _number,
     "cpu_threads": _optional_integer,
     "share_cpu_cores": _boolean,
+    "channels_last": _boolean,
+    "attention_backend": _optional_text,
+    "torch_compile": _compile_mode,
 }

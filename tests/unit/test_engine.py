@@ -118,3 +118,46 @@ def test_engine_refuses_the_flagged_request_alone_when_the_safety_checker_flags_
     assert isinstance(passed, GeneratedImage)
     assert isinstance(flagged, InvalidRequestError)
     assert "safety checker flagged" in str(flagged)
+
+
+def test_channels_last_keeps_the_image_within_one_step_when_the_unet_and_vae_change_layout(
+    tiny_folders: dict[str, Path],
+) -> None:
+    default, channels_last = load(tiny_folders["sd15"]), load(tiny_folders["sd15"], channels_last=True)
+    unet = channels_last.generator.pipeline.unet  # type: ignore[attr-defined]
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    request = [arrays(prompt="a lighthouse", width=64, height=64, seed=3)]
+    first, second = default.execute(request)[0], channels_last.execute(request)[0]
+    assert isinstance(first, GeneratedImage)
+    assert isinstance(second, GeneratedImage)
+    assert np.abs(first.image.astype(np.int16) - second.image.astype(np.int16)).max() <= 1
+
+
+def test_attention_backend_native_gives_the_default_image_when_set(tiny_folders: dict[str, Path]) -> None:
+    default, native = load(tiny_folders["flux"]), load(tiny_folders["flux"], attention_backend="native")
+    request = [arrays(prompt="a lighthouse", width=64, height=64, seed=3)]
+    first, second = default.execute(request)[0], native.execute(request)[0]
+    assert isinstance(first, GeneratedImage)
+    assert isinstance(second, GeneratedImage)
+    np.testing.assert_array_equal(first.image, second.image)
+
+
+def test_load_names_the_parameter_when_the_attention_backend_is_unknown(tiny_folders: dict[str, Path]) -> None:
+    with pytest.raises(ModelLoadError, match="parameter attention_backend='warp-drive' cannot be used"):
+        load(tiny_folders["sd3"], attention_backend="warp-drive")
+
+
+def test_torch_compile_wraps_the_denoiser_with_the_configured_mode(
+    tiny_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled: list[tuple[Any, str]] = []
+
+    def fake_compile(module: Any, mode: str) -> Any:
+        # Compiling for real takes minutes on these CPUs; the wiring is what is checked here.
+        compiled.append((module, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    service = load(tiny_folders["sd3"], torch_compile="max-autotune")
+    transformer = service.generator.pipeline.transformer  # type: ignore[attr-defined]
+    assert compiled == [(transformer, "max-autotune")]

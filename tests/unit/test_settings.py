@@ -50,6 +50,8 @@ def test_from_parameters_reads_share_cpu_cores_when_given_a_boolean(text: str, e
         ({"model_id": "m", "max_sequence_length": "1024"}, "max_sequence_length=1024 is invalid: .* at most 512"),
         ({"model_id": "m", "cpu_threads": "0"}, "cpu_threads=0 is invalid: must be a positive integer"),
         ({"model_id": "m", "share_cpu_cores": "yes"}, "share_cpu_cores='yes' is invalid: must be true or false"),
+        ({"model_id": "m", "torch_compile": "fast"}, "torch_compile='fast' is invalid: must be one of"),
+        ({"model_id": "m", "channels_last": "1"}, "channels_last='1' is invalid: must be true or false"),
     ],
 )
 def test_from_parameters_names_key_value_and_rule_when_a_parameter_is_bad(
