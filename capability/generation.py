@@ -151,7 +151,8 @@ class LeaseRenewer:
     def add(self, lease: str, entity: str, capability_id: str) -> None:
         with self._lock:
             self._leases[lease] = (entity, capability_id)
-            if self._thread is None:
+            if self._thread is None:  # the first lease, or the first since close(): the layer is in use again
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="capability-lease-renewer", daemon=True)
                 self._thread.start()
 

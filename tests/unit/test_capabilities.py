@@ -404,3 +404,17 @@ def test_lease_renewer_extends_only_the_leases_it_holds_when_it_renews(
     with pytest.raises(ConcurrencyLimitError):
         caps.acquire_slot("admin", capability)
     renewer.close()
+
+
+def test_lease_renewer_runs_again_when_a_lease_is_added_after_close(caps: Capabilities, authority: str) -> None:
+    from capability.generation import LeaseRenewer
+
+    capability = minted(caps, authority, max_concurrent=2)
+    renewer = LeaseRenewer(caps)
+    renewer.add(caps.acquire_slot("admin", capability), "admin", capability)
+    renewer.close()
+    renewer.add(caps.acquire_slot("admin", capability), "admin", capability)
+    assert renewer._thread is not None
+    assert renewer._thread.is_alive()
+    assert not renewer._stop.is_set()
+    renewer.close()
