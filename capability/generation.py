@@ -144,16 +144,21 @@ class LeaseRenewer:
     def __init__(self, capabilities: Capabilities) -> None:
         self.capabilities = capabilities
         self._leases: dict[str, tuple[str, str]] = {}
+        # Held while a lease is renewed, so that once discard() returns no renewal of that lease can start or
+        # still be running: renew_slot re-takes a lease it cannot find (one reaped while its holder stalled),
+        # and must not resurrect one its holder has just released.
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def add(self, lease: str, entity: str, capability_id: str) -> None:
         with self._lock:
             self._leases[lease] = (entity, capability_id)
-            if self._thread is None:  # the first lease, or the first since close(): the layer is in use again
-                self._stop.clear()
-                self._thread = threading.Thread(target=self._run, name="capability-lease-renewer", daemon=True)
+            if self._thread is None:  # the first lease, or the first since close()
+                # Each thread has its own stop event: a close() racing with this add() stops the old thread only.
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,),
+                                                name="capability-lease-renewer", daemon=True)
                 self._thread.start()
 
     def discard(self, lease: str) -> None:
@@ -161,23 +166,27 @@ class LeaseRenewer:
             self._leases.pop(lease, None)
 
     def close(self) -> None:
-        self._stop.set()
         with self._lock:
-            thread, self._thread = self._thread, None
+            thread, stop, self._thread = self._thread, self._stop, None
+        stop.set()
         if thread is not None:
             thread.join()
 
     def renew_all(self) -> None:
         with self._lock:
-            leases = list(self._leases.items())
-        for lease, (entity, capability_id) in leases:
-            try:
-                self.capabilities.renew_slot(entity, capability_id, lease)
-            except Exception:  # the generation cannot be stopped from here: say so, keep trying
-                logger.warning("lease %s of %s could not be renewed", lease, capability_id, exc_info=True)
+            leases = list(self._leases)
+        for lease in leases:
+            with self._lock:
+                holder = self._leases.get(lease)
+                if holder is None:  # released meanwhile
+                    continue
+                try:
+                    self.capabilities.renew_slot(*holder, lease)
+                except Exception:  # the generation cannot be stopped from here: say so, keep trying
+                    logger.warning("lease %s of %s could not be renewed", lease, holder[1], exc_info=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 3):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
             self.renew_all()
 
 
@@ -234,20 +243,24 @@ class TextToImage:
                           "format": "png", "seed": generated.seed, "model": model_id}
             except CapabilityError as error:
                 outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
-                taken, lease = lease, None
-                self._finish(taken, {**audit, "outcome": outcome, "detail": str(error)})
+                self._finish(lease, {**audit, "outcome": outcome, "detail": str(error)})
+                lease = None
                 raise
             except Exception as error:
-                taken, lease = lease, None
-                self._finish(taken, {**audit, "outcome": "failed", "detail": f"{type(error).__name__}: {error}"})
+                self._finish(lease, {**audit, "outcome": "failed", "detail": f"{type(error).__name__}: {error}"})
+                lease = None
                 raise
-            taken, lease = lease, None
-            self._finish(taken, {**audit, "outcome": "ok", "width": width, "height": height})
+            self._finish(lease, {**audit, "outcome": "ok", "width": width, "height": height})
+            lease = None
             return result
         finally:
-            if lease is not None:  # interrupted (KeyboardInterrupt, SystemExit): free the slot, audit nothing
+            if lease is not None:  # interrupted, or the audited release failed: free the slot, audit nothing
                 self.renewer.discard(lease)
-                self.capabilities.release_slot(lease)
+                try:
+                    self.capabilities.release_slot(lease)
+                except Exception:  # the exception on its way out says more; the lease expires by itself
+                    logger.warning("lease %s could not be released; it expires in %d s", lease, LEASE_SECONDS,
+                                   exc_info=True)
 
     def _finish(self, lease: str | None, record: dict[str, Any]) -> None:
         """Audit the outcome and, if a slot was taken, free it in the same transaction."""

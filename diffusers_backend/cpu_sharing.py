@@ -1,4 +1,4 @@
-"""Sharing the machine's cores among the CPU instances of one model that are generating at the same moment.
+"""Sharing the machine's cores among the CPU instances of a server (every model's) generating at the same moment.
 
 Triton runs each instance of a Python-backend model in a process of its own, and each process has its own
 torch thread pool. On the CPU that forces a bad choice (measured in README.md, "Batching and instances"):
@@ -8,8 +8,9 @@ torch thread pool. On the CPU that forces a bad choice (measured in README.md, "
 - every core for every instance: a lone request is fast, but two busy instances oversubscribe the cores and
   OpenMP's spinning threads collapse throughput to a tenth.
 
-:class:`CoreSharing` avoids both. The cores are tokens: one lock file per core, shared by the instances of a
-model, and an instance runs as many torch threads as it holds tokens. An instance takes its fair share
+:class:`CoreSharing` avoids both. The cores are tokens: one lock file per core, shared by every CPU instance of
+the server (all models: they run on the same cores), and an instance runs as many torch threads as it holds
+tokens. An instance takes its fair share
 (``cores // busy instances``) of the free tokens when it starts a generation and re-balances before every
 denoising step (the unit of work whose thread count can change): it hands back tokens above its share when
 more instances are busy, and takes free ones when fewer are. An instance that finds no free token waits for a
@@ -18,7 +19,8 @@ instances together never outnumber the cores.
 
 Busy instances are counted with ``flock`` too: each instance holds an exclusive lock on a file of its own
 while it generates. The kernel drops a dead process's locks, so a crashed instance never holds tokens or
-counts as busy. The files live in a private per-user directory, one group per server process and model.
+counts as busy. The files live in a private per-user directory, one group per server process. Every model
+should then have the same ``cpu_threads`` (the number of tokens); the default, every core, is.
 
 The thread count changes floating-point summation order: an image can differ by one uint8 step in a few
 pixels (0.001 to 0.004 % of them, measured on the tiny models) between a request that ran with every core and
@@ -87,14 +89,13 @@ class CoreSharing:
         self._peers: dict[Path, int] = {}
 
     @classmethod
-    def for_instance(cls, model_name: str, cores: int, set_threads: Callable[[int], None],
+    def for_instance(cls, cores: int, set_threads: Callable[[int], None],
                      parent: Path | None = None) -> CoreSharing | None:
-        """Sharing among the instances of ``model_name`` in this server (the stubs' parent process)."""
+        """Sharing among the CPU instances of this server (the stubs' parent process)."""
         directory = private_directory(parent)
         if directory is None:
             return None
-        # A model name is a Triton directory name: no "/" in it. The parent pid tells servers apart.
-        return cls(directory / f"{os.getppid()}-{model_name}", cores, set_threads)
+        return cls(directory / f"server-{os.getppid()}", cores, set_threads)
 
     @contextmanager
     def generating(self) -> Iterator[None]:

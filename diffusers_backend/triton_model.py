@@ -44,7 +44,7 @@ class DiffusersTritonModel:
         self.core_sharing: CoreSharing | None = None
         try:
             settings = ModelSettings.from_parameters(config.get("parameters", {}))
-            self.core_sharing = _core_sharing(model_name, config, placement, settings)
+            self.core_sharing = _core_sharing(model_name, placement, settings)
             self.service = DiffusersService.load(settings, placement, Path(args["model_repository"]),
                                                  self.core_sharing)
         except DiffusersBackendError as error:
@@ -82,20 +82,14 @@ class DiffusersTritonModel:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome), code))
 
 
-def cpu_instance_count(config: dict[str, Any]) -> int:
-    """Instances of the model on the CPU, from its ``instance_group`` entries."""
-    return sum(int(group.get("count", 1)) for group in config.get("instance_group", [])
-               if group.get("kind") == "KIND_CPU")
-
-
-def _core_sharing(model_name: str, config: dict[str, Any], placement: Placement,
-                  settings: ModelSettings) -> CoreSharing | None:
-    if placement.on_gpu or not settings.share_cpu_cores or cpu_instance_count(config) < 2:
+def _core_sharing(model_name: str, placement: Placement, settings: ModelSettings) -> CoreSharing | None:
+    if placement.on_gpu or not settings.share_cpu_cores:
         return None
     cores = settings.cpu_threads or available_cores()
-    sharing = CoreSharing.for_instance(model_name, cores, _set_torch_threads)
+    sharing = CoreSharing.for_instance(cores, _set_torch_threads)
     if sharing is not None:
-        logger.info("%s: CPU instances share %d cores (%s)", model_name, cores, sharing.group)
+        logger.info("%s: shares %d cores with the server's other CPU instances (%s)", model_name, cores,
+                    sharing.group)
     return sharing
 
 

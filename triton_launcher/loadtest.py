@@ -115,8 +115,9 @@ def run_concurrently(concurrency: int, work: Sequence[Any], call: Callable[[Any,
     failures: list[BaseException] = []
 
     def worker() -> None:
-        client = open_client()
+        client = None
         try:
+            client = open_client()
             while True:
                 with lock:
                     if not items or failures:
@@ -164,9 +165,8 @@ def inprocess_worker() -> None:
         family, plan = command["family"], Plan(**{**command["plan"], "sides": tuple(command["plan"]["sides"])})
         if loaded is None or loaded[0] != family:
             loaded = None  # one family in memory at a time
-            service = DiffusersService.load(ModelSettings(TINY_PREFIX + family, model_source=str(folders[family])),
-                                            Placement("CPU"))
-            loaded = (family, service)
+            loaded = (family, DiffusersService.load(
+                ModelSettings(TINY_PREFIX + family, model_source=str(folders[family])), Placement("CPU")))
         service = loaded[1]
         sizes: dict[str, Any] = {}
         for side in plan.sides:
@@ -183,6 +183,7 @@ def inprocess_worker() -> None:
                     latencies += [time.perf_counter() - begun] * len(batch)  # each waits for its whole batch
                 levels[str(concurrency)] = asdict(Samples(latencies, time.perf_counter() - started))
             sizes[str(side)] = levels
+        del service  # only `loaded` keeps it, so that loading the next family frees this one first
         print(json.dumps({"torch_threads": torch.get_num_threads(), "sizes": sizes}), flush=True)
 
 
@@ -201,8 +202,12 @@ class FloorWorker:
 
     def __exit__(self, *exc_info: object) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(timeout=120)
+        self.process.stdin.close()  # the worker's loop ends at end of input
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # stuck mid-measurement (the suite failed meanwhile): do not wait on
+            self.process.kill()
+            self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
 

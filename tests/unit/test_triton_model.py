@@ -111,15 +111,14 @@ def cpu_groups(*counts: int) -> list[dict[str, Any]]:
     ("kind", "changes", "shared"),
     [
         ("CPU", {"instance_group": cpu_groups(2)}, True),
-        ("CPU", {"instance_group": cpu_groups(1, 1)}, True),
-        ("CPU", {"instance_group": cpu_groups(1)}, False),
+        ("CPU", {"instance_group": cpu_groups(1)}, True),  # other models' CPU instances share the cores too
         ("CPU", {"instance_group": cpu_groups(2), "parameters": {"model_id": {"string_value": "org/model"},
                                                                  "share_cpu_cores": {"string_value": "false"}}},
          False),
         ("GPU", {"instance_group": [{"kind": "KIND_GPU", "count": 2}]}, False),
     ],
 )
-def test_initialize_shares_cpu_cores_only_when_several_cpu_instances_may_share_them(
+def test_initialize_shares_cpu_cores_only_when_the_instance_is_on_the_cpu_and_sharing_is_on(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, changes: dict[str, Any], shared: bool,
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
