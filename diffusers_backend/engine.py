@@ -60,6 +60,7 @@ class DiffusionEngine:
         try:
             with torch.inference_mode(), self._sharing_cores():
                 output = self.pipeline(**arguments)
+                images = to_uint8_images(output.images)  # still holding this instance's cores
         except torch.cuda.OutOfMemoryError as error:
             raise GenerationError(
                 f"out of GPU memory generating {len(group)} image(s) of {first.width}x{first.height}; "
@@ -71,9 +72,8 @@ class DiffusionEngine:
                 "PROMPT", request.prompt,
                 "the model's safety checker flagged the generated image, which is withheld; change the prompt",
             ) if is_flagged else image
-            for image, request, is_flagged in zip(to_uint8_images(output.images), group, flagged, strict=True)
+            for image, request, is_flagged in zip(images, group, flagged, strict=True)
         ]
-
 
     def _sharing_cores(self) -> Any:
         return self.core_sharing.generating() if self.core_sharing is not None else nullcontext()
