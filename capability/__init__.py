@@ -12,6 +12,7 @@ from .errors import (
     InvalidOptionError,
     InvalidParamsError,
     ModelNotServedError,
+    ServerBusyError,
     ServerError,
     ServerUnavailableError,
     StoreError,
@@ -22,6 +23,7 @@ from .layer import CapabilityHandle, CapabilityLayer
 __all__ = [
     "GENERATE", "MINT", "Capabilities", "Capability", "CapabilityError", "CapabilityHandle", "CapabilityLayer",
     "ConcurrencyLimitError", "DeniedError", "GenerateParams", "GenerationError", "InvalidOptionError",
-    "InvalidParamsError", "ModelNotServedError", "ServerError", "ServerUnavailableError", "StoreError",
+    "InvalidParamsError", "ModelNotServedError", "ServerBusyError", "ServerError", "ServerUnavailableError",
+    "StoreError",
     "UnknownServerError",
 ]

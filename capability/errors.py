@@ -51,6 +51,11 @@ class ServerUnavailableError(ServerError):
     """The server cannot be reached, or refused the key (restarted with a new one and not re-registered)."""
 
 
+class ServerBusyError(ServerError):
+    """The model's queue on the server is full, or the request waited there past the queue's timeout: nothing
+    was generated; retry later (the server refuses at once rather than queueing without bound)."""
+
+
 class ModelNotServedError(ServerError):
     """No Triton model on the server serves the requested model id."""
 

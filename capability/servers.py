@@ -19,7 +19,7 @@ from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher.server import state_dir_problem
 
 from .capabilities import canonical_server_url
-from .errors import GenerationError, ModelNotServedError, ServerUnavailableError, UnknownServerError
+from .errors import GenerationError, ModelNotServedError, ServerBusyError, ServerUnavailableError, UnknownServerError
 from .store import Store
 
 CLIENT_TIMEOUT_S = 900.0
@@ -170,6 +170,8 @@ class TritonGateway:
                     raise ServerUnavailableError(f"{self.url} refused the inference key: {message}") from None
                 if status == "400":
                     raise GenerationError(f"the server refused the request: {_as_options(message)}") from None
+                if status == "503" and _is_queue_refusal(message):
+                    raise ServerBusyError(f"{self.url} is busy: {_queue_refusal(message)}; retry later") from None
                 if status is None:  # no HTTP answer at all
                     raise ServerUnavailableError(f"{self.url} cannot be reached: {message}") from None
                 raise GenerationError(f"the server failed the request ({status}): {message}") from None
@@ -177,6 +179,21 @@ class TritonGateway:
                 self._local.client = None
                 raise ServerUnavailableError(f"{self.url} cannot be reached: {error}") from None
         raise AssertionError("unreachable")
+
+
+# Triton's own words for the refusals of a model's default_queue_policy (HTTP 503).
+_QUEUE_FULL = "Exceeds maximum queue size"
+_QUEUE_TIMEOUT = "Request timeout expired"
+
+
+def _is_queue_refusal(message: str) -> bool:
+    return _QUEUE_FULL in message or _QUEUE_TIMEOUT in message
+
+
+def _queue_refusal(message: str) -> str:
+    if _QUEUE_FULL in message:
+        return "the model's queue is full (its max_queue_size)"
+    return "the request waited in the model's queue past its timeout (default_timeout_microseconds)"
 
 
 def _as_options(message: str) -> str:

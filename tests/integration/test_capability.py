@@ -21,6 +21,7 @@ from capability import (
     DeniedError,
     GenerationError,
     ModelNotServedError,
+    ServerBusyError,
     UnknownServerError,
 )
 from triton_launcher.server import TritonServer
@@ -170,3 +171,41 @@ def test_generation_beyond_max_concurrent_is_refused_while_a_delegate_holds_the_
     outcomes = [entry["outcome"] for entry in layer.capabilities.audit_log("alice", parent.id)
                 if entry["action"] == "generate"]
     assert outcomes == ["denied", "ok"]
+
+
+def test_a_flood_gets_clear_busy_refusals_and_the_server_keeps_serving_when_the_queue_is_full(
+    layer: CapabilityLayer, authority: str, tiny_server: TritonServer,
+) -> None:
+    import threading
+
+    flood = 40  # well over what tiny-sd15 takes at once: 2 instances x batches of 4, plus 16 queued
+    handle = mint(layer, authority, tiny_server, default_model="tiny-sd15", max_concurrent=flood)
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def generate(seed: int) -> None:
+        try:
+            outcome: object = handle.text_to_image("a flood", {"width": 256, "height": 256,
+                                                               "numInferenceSteps": 20, "seed": seed})
+        except Exception as error:
+            outcome = error
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=generate, args=(seed,)) for seed in range(flood)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    layer.generator.close()  # the threads' HTTP clients
+    assert len(outcomes) == flood
+    busy = [outcome for outcome in outcomes if isinstance(outcome, ServerBusyError)]
+    done = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    assert len(busy) + len(done) == flood, [outcome for outcome in outcomes if not isinstance(outcome, dict)][:3]
+    assert busy, "nothing was refused: the queue did not fill"
+    assert done, "nothing was generated"
+    assert "is busy: the model's queue is full (its max_queue_size); retry later" in str(busy[0])
+    # Nothing broke: the next request is served, and every refusal is in the audit log as failed.
+    assert decoded(handle.text_to_image("after the flood", {"width": 64, "height": 64, "seed": 1})).size == (64, 64)
+    log = layer.capabilities.audit_log("alice", handle.id)
+    assert sum(entry["outcome"] == "failed" and "is busy" in (entry["detail"] or "") for entry in log) == len(busy)

@@ -122,3 +122,32 @@ def test_capability_package_imports_neither_torch_nor_diffusers_when_embedded() 
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("[request id: <id_unknown>] Exceeds maximum queue size", "the model's queue is full"),
+        ("Request timeout expired", "waited in the model's queue past its timeout"),
+    ],
+)
+def test_gateway_reports_busy_when_triton_refuses_for_its_queue(message: str, reason: str) -> None:
+    InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException  # noqa: N806
+
+    from capability.errors import GenerationError, ServerBusyError
+    from capability.servers import TritonGateway
+
+    class Keys:
+        def key_for(self, _url: str) -> str:
+            return "key"
+
+    def refused(_client: Any, _headers: Any) -> None:
+        raise InferenceServerException(msg=message, status="503")
+
+    gateway = TritonGateway("http://127.0.0.1:8000", Keys())  # type: ignore[arg-type]
+    gateway._client = object  # type: ignore[method-assign]
+    with pytest.raises(ServerBusyError, match=f"http://127.0.0.1:8000 is busy: .*{reason}.*; retry later"):
+        gateway._call(refused)
+    with pytest.raises(GenerationError, match=r"failed the request \(503\): model unloading"):
+        gateway._call(lambda _client, _headers: (_ for _ in ()).throw(
+            InferenceServerException(msg="model unloading", status="503")))
