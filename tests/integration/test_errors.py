@@ -1,7 +1,8 @@
-"""Bad input through the real tritonserver: INVALID_ARG naming the field, and the model keeps serving."""
+"""Bad input and locked-down access through the real tritonserver: clear refusals, and the model keeps serving."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import numpy as np
@@ -133,3 +134,29 @@ def test_other_apis_are_refused_with_403_when_no_key_is_sent(tiny_server: Triton
     assert caught.value.status() == "403"
     with tiny_server.http_client() as client:
         assert client.get_model_config("tiny-sd15", headers=tiny_server.headers)["name"] == "tiny-sd15"
+
+
+def test_every_listener_of_the_server_is_on_loopback_when_serving(tiny_server: TritonServer) -> None:
+    import psutil
+
+    assert tiny_server.process is not None
+    server = psutil.Process(tiny_server.process.pid)
+    listening = [connection for process in (server, *server.children(recursive=True))
+                 for connection in process.net_connections(kind="inet") if connection.status == psutil.CONN_LISTEN]
+    # gRPC listens on the IPv4-mapped IPv6 form of 127.0.0.1 (::ffff:127.0.0.1): loopback all the same.
+    addresses = {ipaddress.ip_address(connection.laddr.ip) for connection in listening}
+    assert {getattr(address, "ipv4_mapped", None) or address for address in addresses} == {
+        ipaddress.ip_address("127.0.0.1")}
+    ports = {connection.laddr.port for connection in listening}
+    assert tiny_server.options.http_port in ports
+    assert {tiny_server.options.grpc_port, tiny_server.options.metrics_port} <= ports
+
+
+@pytest.mark.parametrize("action", ["load_model", "unload_model"])
+def test_model_load_and_unload_are_refused_even_with_the_key_when_requested(
+    tiny_server: TritonServer, action: str
+) -> None:
+    with tiny_server.http_client() as client:
+        with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+            getattr(client, action)("tiny-sd15", headers=tiny_server.headers)
+        assert client.is_model_ready("tiny-sd15")
