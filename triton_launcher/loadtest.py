@@ -376,6 +376,10 @@ def draw_throughput(results: dict[str, Any], destination: Path) -> None:
         for index, concurrency in enumerate(CONCURRENCY):
             x = left + width * index / (len(CONCURRENCY) - 1)
             draw.text((x - 3, top + height + 4), str(concurrency), fill=(0, 0, 0))
+        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = top + height - height * fraction
+            draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+            draw.text((left - 34, y - 6), f"{peak * fraction:.0f}", fill=(0, 0, 0))
         for path in PATHS:
             points = [(left + width * index / (len(CONCURRENCY) - 1),
                        top + height - height * level["throughput_per_s"] / peak)
