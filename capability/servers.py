@@ -170,8 +170,8 @@ class TritonGateway:
                     raise ServerUnavailableError(f"{self.url} refused the inference key: {message}") from None
                 if status == "400":
                     raise GenerationError(f"the server refused the request: {_as_options(message)}") from None
-                if status == "503" and _is_queue_refusal(message):
-                    raise ServerBusyError(f"{self.url} is busy: {_queue_refusal(message)}; retry later") from None
+                if status == "503" and (reason := _queue_refusal(message)) is not None:
+                    raise ServerBusyError(f"{self.url} is busy: {reason}; retry later") from None
                 if status is None:  # no HTTP answer at all
                     raise ServerUnavailableError(f"{self.url} cannot be reached: {message}") from None
                 raise GenerationError(f"the server failed the request ({status}): {message}") from None
@@ -186,14 +186,13 @@ _QUEUE_FULL = "Exceeds maximum queue size"
 _QUEUE_TIMEOUT = "Request timeout expired"
 
 
-def _is_queue_refusal(message: str) -> bool:
-    return _QUEUE_FULL in message or _QUEUE_TIMEOUT in message
-
-
-def _queue_refusal(message: str) -> str:
+def _queue_refusal(message: str) -> str | None:
+    """Why Triton refused for the model's queue, in our words; None if that is not why."""
     if _QUEUE_FULL in message:
         return "the model's queue is full (its max_queue_size)"
-    return "the request waited in the model's queue past its timeout (default_timeout_microseconds)"
+    if _QUEUE_TIMEOUT in message:
+        return "the request waited in the model's queue past its timeout (default_timeout_microseconds)"
+    return None
 
 
 def _as_options(message: str) -> str:

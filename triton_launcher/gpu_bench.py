@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from . import contract
 from .installation import with_malloc_tunables
 from .loadtest import RESULTS_DIR, machine
 from .paths import MODEL_REPOSITORY, TINY_PIPELINES
-from .repository import FAMILY_MODELS, cpu_instance_groups, with_parameters
+from .repository import FAMILY_MODELS, with_cpu_instances, with_parameters
 from .server import TritonServer, loopback_options
 
 NATIVE = {"sd15": (512, 50), "sdxl": (1024, 30), "sd3": (1024, 28), "flux": (1024, 4)}
@@ -84,7 +83,7 @@ def model_config(family: str, folder: Path, model_directory: Path, variant: Vari
     """The real config.pbtxt, served from ``folder`` with ``variant``'s parameters."""
     text = (MODEL_REPOSITORY / family / "config.pbtxt").read_text()
     if tiny_cpu:
-        text = re.sub(r"^instance_group \[.*\]$", cpu_instance_groups(1), text, count=1, flags=re.MULTILINE)
+        text = with_cpu_instances(text, 1)
     changes: dict[str, str | None] = {"model_source": os.path.relpath(folder, model_directory), "variant": None,
                                       **variant.parameters}
     return with_parameters(text, changes)

@@ -18,7 +18,7 @@ from typing import Any
 from . import contract
 from .loadtest import CONCURRENCY, Plan, fold_into_results, machine, run_concurrently
 from .paths import TINY_PIPELINES
-from .repository import TINY_CPU_INSTANCES, TINY_PREFIX, build_tiny_repository, cpu_instance_groups, with_parameters
+from .repository import TINY_CPU_INSTANCES, TINY_PREFIX, build_tiny_repository, with_cpu_instances, with_parameters
 from .server import TritonServer, loopback_options
 
 
@@ -31,8 +31,7 @@ class Knobs:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def apply(self, config: str) -> str:
-        config = re.sub(r"^instance_group \[.*\]$", cpu_instance_groups(self.instances), config, count=1,
-                        flags=re.MULTILINE)
+        config = with_cpu_instances(config, self.instances)
         config = re.sub(r"max_batch_size: \d+", f"max_batch_size: {self.max_batch_size}", config)
         batching = f"max_queue_delay_microseconds: {self.queue_delay_us}"
         if self.preferred_batch_size is not None:
