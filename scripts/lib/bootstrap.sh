@@ -63,7 +63,7 @@ bootstrap_py310() {
   local requirements="$venv/requirements.txt"
   "$PYTHON" -c 'import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-wanted = ("numpy", "pytest", "psutil", "pillow", "isal")
+wanted = ("numpy", "pytest", "psutil", "pillow", "isal", "hypothesis")
 pins = project["dependencies"] + project["optional-dependencies"]["dev"]
 print("\n".join(pin for pin in pins if pin.split("=")[0] in wanted))' "$ROOT/pyproject.toml" > "$requirements"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
