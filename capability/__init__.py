@@ -16,6 +16,7 @@ from .errors import (
     ServerError,
     ServerUnavailableError,
     StoreError,
+    TemporarilyUnavailableError,
     UnknownServerError,
 )
 from .layer import CapabilityHandle, CapabilityLayer
@@ -24,6 +25,5 @@ __all__ = [
     "GENERATE", "MINT", "Capabilities", "Capability", "CapabilityError", "CapabilityHandle", "CapabilityLayer",
     "ConcurrencyLimitError", "DeniedError", "GenerateParams", "GenerationError", "InvalidOptionError",
     "InvalidParamsError", "ModelNotServedError", "ServerBusyError", "ServerError", "ServerUnavailableError",
-    "StoreError",
-    "UnknownServerError",
+    "StoreError", "TemporarilyUnavailableError", "UnknownServerError",
 ]

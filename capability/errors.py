@@ -51,6 +51,11 @@ class ServerUnavailableError(ServerError):
     """The server cannot be reached, or refused the key (restarted with a new one and not re-registered)."""
 
 
+class TemporarilyUnavailableError(ServerUnavailableError):
+    """The server is down or restarting (a model's stub crashed, or the server did; the launcher's watchdog
+    brings it back): nothing was generated. Requests with a seed are retried by the layer for a while first."""
+
+
 class ServerBusyError(ServerError):
     """The model's queue on the server is full, or the request waited there past the queue's timeout: nothing
     was generated; retry later (the server refuses at once rather than queueing without bound)."""

@@ -11,17 +11,18 @@ import difflib
 import logging
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from diffusers_backend.settings import DEFAULT_MAX_PROMPT_BYTES
 from diffusers_backend.validation import MAX_SEED
 from triton_launcher import contract
 
 from .capabilities import LEASE_SECONDS, Capabilities, Grant
-from .errors import CapabilityError, DeniedError, InvalidOptionError
+from .errors import CapabilityError, DeniedError, InvalidOptionError, TemporarilyUnavailableError
 from .png import encode_png_base64
 from .servers import ServerKeys, TritonGateway
 from .store import Store
@@ -36,6 +37,11 @@ MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_GUIDANCE_SCALE = 100.0
 MAX_PROMPT_BYTES = DEFAULT_MAX_PROMPT_BYTES
+RETRY_UNAVAILABLE_S = 180.0
+"""How long a seeded request waits for a restarting server: a restart reloads every model (minutes on a GPU)."""
+_FIRST_RETRY_DELAY_S = 0.25
+_MAX_RETRY_DELAY_S = 5.0
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,9 @@ class LeaseRenewer:
 class TextToImage:
     """The capability layer's entry point: ``text_to_image(entity, capability_id, prompt, options)``."""
 
-    def __init__(self, store: Store, state_dir: Path | None) -> None:
+    def __init__(self, store: Store, state_dir: Path | None,
+                 retry_unavailable_s: float = RETRY_UNAVAILABLE_S) -> None:
+        self.retry_unavailable_s = retry_unavailable_s
         self.capabilities = Capabilities(store)
         self.keys = ServerKeys(store, state_dir)
         self.renewer = LeaseRenewer(self.capabilities)
@@ -228,7 +236,9 @@ class TextToImage:
                 model_id = check_grant(grant, checked)
                 audit.update(model=model_id, width=checked.width, height=checked.height, steps=checked.steps)
                 gateway = self.gateway(grant.params.server_url)
-                triton_model = gateway.resolve(model_id)
+                # A seed makes the request idempotent: while the server restarts, it is worth waiting for.
+                retry = checked.seed is not None
+                triton_model = self._when_available(lambda: gateway.resolve(model_id), retry)
                 request = contract.TextToImage(
                     checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
                     height=checked.height, num_inference_steps=checked.steps,
@@ -237,7 +247,7 @@ class TextToImage:
                 # Re-checks the grant and takes a slot in one transaction, just before the server call.
                 lease = self.capabilities.acquire_slot(entity, capability_id)
                 self.renewer.add(lease, entity, capability_id)
-                generated = gateway.generate(triton_model, request)
+                generated = self._when_available(lambda: gateway.generate(triton_model, request), retry)
                 height, width, _ = generated.image.shape
                 result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
                           "format": "png", "seed": generated.seed, "model": model_id}
@@ -261,6 +271,21 @@ class TextToImage:
                 except Exception:  # the exception on its way out says more; the lease expires by itself
                     logger.warning("lease %s could not be released; it expires in %d s", lease, LEASE_SECONDS,
                                    exc_info=True)
+
+    def _when_available(self, call: Callable[[], Result], retry: bool) -> Result:
+        """``call()``; if the server is temporarily unavailable and ``retry``, again with backoff for up to
+        ``retry_unavailable_s`` (the slot, if taken, stays held and renewed meanwhile)."""
+        deadline = time.monotonic() + self.retry_unavailable_s
+        delay = _FIRST_RETRY_DELAY_S
+        while True:
+            try:
+                return call()
+            except TemporarilyUnavailableError:
+                if not retry or time.monotonic() + delay >= deadline:
+                    raise
+                logger.info("server temporarily unavailable; retrying a seeded request in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(2 * delay, _MAX_RETRY_DELAY_S)
 
     def _finish(self, lease: str | None, record: dict[str, Any]) -> None:
         """Audit the outcome and, if a slot was taken, free it in the same transaction."""

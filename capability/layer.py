@@ -15,18 +15,20 @@ from typing import Any
 from triton_launcher.paths import STATE_DIR
 
 from .capabilities import Capabilities, Capability
-from .generation import TextToImage
+from .generation import RETRY_UNAVAILABLE_S, TextToImage
 from .store import STORE_FILE, Store
 
 
 class CapabilityLayer:
     """The store in a state dir and the servers its capabilities name."""
 
-    def __init__(self, state_dir: Path = STATE_DIR, store: Store | None = None) -> None:
+    def __init__(self, state_dir: Path = STATE_DIR, store: Store | None = None,
+                 retry_unavailable_s: float = RETRY_UNAVAILABLE_S) -> None:
+        """``retry_unavailable_s``: how long a request with a seed waits for a restarting server (0: not at all)."""
         self.state_dir = state_dir
         self.store = store or Store(state_dir / STORE_FILE)
         self.capabilities = Capabilities(self.store)
-        self.generator = TextToImage(self.store, state_dir)
+        self.generator = TextToImage(self.store, state_dir, retry_unavailable_s)
 
     def close(self) -> None:
         """Close the server connections and this thread's store connection."""

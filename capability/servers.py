@@ -7,6 +7,7 @@ again when the server answers 403); keys of other servers are registered in the 
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -19,7 +20,14 @@ from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher.server import state_dir_problem
 
 from .capabilities import canonical_server_url
-from .errors import GenerationError, ModelNotServedError, ServerBusyError, ServerUnavailableError, UnknownServerError
+from .errors import (
+    GenerationError,
+    ModelNotServedError,
+    ServerBusyError,
+    ServerUnavailableError,
+    TemporarilyUnavailableError,
+    UnknownServerError,
+)
 from .store import Store
 
 CLIENT_TIMEOUT_S = 900.0
@@ -155,6 +163,16 @@ class TritonGateway:
                 self._clients.append(client)
         return client
 
+    def _drop_client(self) -> None:
+        """Forget this thread's client after a broken connection: the next call opens a new one."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            with self._clients_lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            client.close()
+
     def _call(self, call: Any) -> Any:
         from tritonclient.utils import InferenceServerException
 
@@ -172,13 +190,23 @@ class TritonGateway:
                     raise GenerationError(f"the server refused the request: {_as_options(message)}") from None
                 if status == "503" and (reason := _queue_refusal(message)) is not None:
                     raise ServerBusyError(f"{self.url} is busy: {reason}; retry later") from None
-                if status is None:  # no HTTP answer at all
-                    raise ServerUnavailableError(f"{self.url} cannot be reached: {message}") from None
+                if status is None or status == "503" or _STUB_DIED in message:  # no answer, or a broken one
+                    self._drop_client()
+                    raise TemporarilyUnavailableError(_unavailable(self.url, message)) from None
                 raise GenerationError(f"the server failed the request ({status}): {message}") from None
-            except (OSError, ConnectionError) as error:
-                self._local.client = None
-                raise ServerUnavailableError(f"{self.url} cannot be reached: {error}") from None
+            except (OSError, http.client.HTTPException) as error:  # geventhttpclient's closed connections too
+                self._drop_client()
+                raise TemporarilyUnavailableError(_unavailable(self.url, str(error))) from None
         raise AssertionError("unreachable")
+
+
+# Triton's words when a model's Python stub has died (HTTP 500; Triton 2.51 does not restart it).
+_STUB_DIED = "is not healthy"
+
+
+def _unavailable(url: str, reason: str) -> str:
+    return (f"{url} is temporarily unavailable ({reason}): the launcher's watchdog restarts a crashed server; "
+            "retry shortly (the layer retries requests that carry a seed by itself)")
 
 
 # Triton's own words for the refusals of a model's default_queue_policy (HTTP 503).

@@ -1,7 +1,8 @@
 """``scripts/serve``: run tritonserver on a model repository until SIGINT or SIGTERM.
 
 Prints exactly one line on stdout, ``READY http://127.0.0.1:PORT``, once every model has answered a real
-inference; everything else goes to stderr and the server log.
+inference; everything else goes to stderr and the server log. Then the watchdog (watchdog.py) probes the
+models and restarts tritonserver on a crash, on the same port with the same key.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
 from .errors import LauncherError
 from .paths import MODEL_REPOSITORY, STATE_DIR, TINY_REPOSITORY
 from .server import DEFAULT_HTTP_PORT, ServerOptions, TritonServer
+from .watchdog import DEFAULT_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S, Watchdog
 
 logger = logging.getLogger("triton_launcher")
 
@@ -54,12 +57,24 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-file", type=Path, default=None,
                         help="server log (default: STATE_DIR/tritonserver.log; '-' for stderr)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--watchdog-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+                        help="probe every model by a real inference this often and restart tritonserver when one "
+                             "fails; a dead stub or server is looked for every second (default: %(default)s; "
+                             "0: no watchdog, serve exits when tritonserver does)")
+    parser.add_argument("--probe-timeout", type=float, default=DEFAULT_PROBE_TIMEOUT_S, metavar="SECONDS",
+                        help="a watchdog probe that has no answer after this long counts as a fault; it waits in "
+                             "the model's queue like any request (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the tritonserver command and exit")
     arguments = parser.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
         port = getattr(arguments, name)
         if port is not None and not 1 <= port <= 65535:
             parser.error(f"--{name.replace('_', '-')}={port} is invalid: must be a TCP port, 1 to 65535")
+    if arguments.watchdog_interval < 0:
+        parser.error(f"--watchdog-interval={arguments.watchdog_interval} is invalid: must be 0 (off) or a "
+                     "positive number of seconds")
+    if arguments.probe_timeout <= 0:
+        parser.error(f"--probe-timeout={arguments.probe_timeout} is invalid: must be a positive number of seconds")
     if arguments.ready_timeout <= 0:
         parser.error(f"--ready-timeout={arguments.ready_timeout} is invalid: must be a positive number of seconds")
     if arguments.model_repository is not None and not arguments.model_repository.is_dir():
@@ -100,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("serving %s from %s; log: %s", ", ".join(server.models), repository,
                         server.log_path or "stderr")
             print(f"READY {server.url}", flush=True)
+            if arguments.watchdog_interval > 0:
+                # Runs until a signal interrupts it (here, in the main thread, which started the server).
+                Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run(threading.Event())
             assert server.process is not None
             code = server.process.wait()
             logger.error("tritonserver exited on its own with code %s", code)

@@ -44,6 +44,9 @@ RESTRICTED_API_GROUPS = (
 """Triton API groups that need the key: all but ``health`` and ``metadata``, which probes and clients use."""
 PROBE_SIDE = 64
 """Side of the readiness probe's image: a multiple of every family's size multiple, cheap on any device."""
+RESTART_STOP_TIMEOUT_S = 10.0
+"""A server restarted for a fault gets this long to finish in-flight requests. With a dead stub it does not
+exit by itself (it waits for the stub's requests, which never finish), so this is how long a restart waits."""
 _LOG_TAIL_LINES = 40
 _POLL_SECONDS = 0.2
 
@@ -236,24 +239,37 @@ class TritonServer:
         state_dir = self.options.state_dir
         prepare_state_dir(state_dir)
         self._lock_state_dir()
-        installation = find_installation(self.options.executable)
+        self._check_ports_free()
+        (state_dir / SERVER_FILE).unlink(missing_ok=True)
+        # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
+        self.infer_key = secrets.token_urlsafe(32)
+        write_private_file(state_dir / INFER_KEY_FILE, self.infer_key + "\n")
+        if self.log_path is not None:  # a fresh log per start; restarts append to it, so a crash's log is kept
+            self._log_handle = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
+        self._launch()
+
+    def restart(self) -> None:
+        """Stop the process and start it again, ready, on the same ports with the same key and state dir.
+
+        The watchdog's remedy for a crashed stub or server. The state dir stays locked and ``server.json`` stays
+        in place meanwhile, so clients see a server that is temporarily unavailable, not one that is gone.
+        """
+        self._stop_process(timeout_s=min(self.options.stop_timeout_s, RESTART_STOP_TIMEOUT_S))
+        self._check_ports_free()
+        self._launch()
+        self.wait_until_ready()
+
+    def _check_ports_free(self) -> None:
         # Fail before starting: otherwise readiness polls could reach whatever already listens there.
         busy = {name: port for name, port in server_ports(self.options).items() if port_in_use(port)}
         if busy:
             described = ", ".join(f"{name} port {port}" for name, port in busy.items())
             raise ServerStartError(f"{described} on {LOOPBACK} already in use (another server?); "
                                    "choose others with --http-port/--grpc-port/--metrics-port")
-        (state_dir / SERVER_FILE).unlink(missing_ok=True)
-        # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
-        self.infer_key = secrets.token_urlsafe(32)
-        write_private_file(state_dir / INFER_KEY_FILE, self.infer_key + "\n")
 
-        log_path = self.log_path
-        if log_path is None:
-            output: IO[bytes] | int = sys.stderr.buffer
-        else:
-            self._log_handle = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-            output = self._log_handle
+    def _launch(self) -> None:
+        installation = find_installation(self.options.executable)
+        output: IO[bytes] = sys.stderr.buffer if self._log_handle is None else self._log_handle
         arguments = server_arguments(self.options, installation, self.infer_key)
         logger.info("starting %s on %s", installation.executable, self.url)
         self.process = subprocess.Popen(
@@ -324,21 +340,7 @@ class TritonServer:
 
     def stop(self) -> None:
         """SIGTERM (Triton finishes in-flight requests and stops its stubs), then SIGKILL the whole group."""
-        process = self.process
-        if process is not None:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=self.options.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    logger.warning("tritonserver did not stop within %.0f s; killing it",
-                                   self.options.stop_timeout_s)
-            # Whatever is left of its group (a hung stub) goes too: nothing outlives the launcher.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            self.process = None
+        self._stop_process(timeout_s=self.options.stop_timeout_s)
         if self._state_lock is not None:  # only the server that holds the state dir may clear it
             (self.options.state_dir / SERVER_FILE).unlink(missing_ok=True)
             self._state_lock.close()
@@ -346,6 +348,23 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+
+    def _stop_process(self, timeout_s: float) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
+        # Whatever is left of its group (a hung stub) goes too: nothing outlives the launcher.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.process = None
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:

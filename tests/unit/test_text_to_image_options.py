@@ -148,6 +148,85 @@ def test_gateway_reports_busy_when_triton_refuses_for_its_queue(message: str, re
     gateway._client = object  # type: ignore[method-assign]
     with pytest.raises(ServerBusyError, match=f"http://127.0.0.1:8000 is busy: .*{reason}.*; retry later"):
         gateway._call(refused)
-    with pytest.raises(GenerationError, match=r"failed the request \(503\): model unloading"):
+    with pytest.raises(GenerationError, match=r"failed the request \(500\): CUDA out of memory"):
         gateway._call(lambda _client, _headers: (_ for _ in ()).throw(
-            InferenceServerException(msg="model unloading", status="503")))
+            InferenceServerException(msg="CUDA out of memory", status="500")))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        # What Triton 2.51 answers for a model whose Python stub died (it does not restart the stub).
+        ("InferenceServerException", "500", "Stub process 'tiny-sd15_0_0' is not healthy."),
+        ("InferenceServerException", "503", "Server not ready"),
+        ("InferenceServerException", None, "connection reset"),
+        ("ConnectionRefusedError", None, "[Errno 111] Connection refused"),
+        # geventhttpclient's error for a connection that the server closed (it killed) without an answer.
+        ("HTTPException", None, "connection closed."),
+    ],
+)
+def test_gateway_reports_a_crashed_or_restarting_server_as_temporarily_unavailable(
+    failure: tuple[str, str | None, str],
+) -> None:
+    InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException  # noqa: N806
+    import http.client
+
+    from capability.errors import TemporarilyUnavailableError
+    from capability.servers import TritonGateway
+
+    kind, status, message = failure
+    error: Exception
+    if kind == "InferenceServerException":
+        error = InferenceServerException(msg=message, status=status)
+    elif kind == "ConnectionRefusedError":
+        error = ConnectionRefusedError(111, "Connection refused")
+    else:
+        error = http.client.HTTPException(message)
+
+    class Keys:
+        def key_for(self, _url: str) -> str:
+            return "key"
+
+    class Client:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    client = Client()
+    gateway = TritonGateway("http://127.0.0.1:8000", Keys())  # type: ignore[arg-type]
+    gateway._local.client = client
+    with pytest.raises(TemporarilyUnavailableError, match=r"http://127.0.0.1:8000 is temporarily unavailable .*retry"):
+        gateway._call(lambda _client, _headers: (_ for _ in ()).throw(error))
+    assert client.closed  # its connection may be dead: the next call opens a new one
+    assert gateway._local.client is None
+
+
+def test_only_requests_with_a_seed_are_retried_while_the_server_is_temporarily_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from capability import generation
+    from capability.errors import TemporarilyUnavailableError
+    from capability.store import Store
+
+    monkeypatch.setattr(generation, "_FIRST_RETRY_DELAY_S", 0.0)
+    attempts: list[int] = []
+
+    def down_twice() -> str:
+        attempts.append(len(attempts))
+        if len(attempts) <= 2:
+            raise TemporarilyUnavailableError("restarting")
+        return "image"
+
+    patient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=60)
+    assert patient._when_available(down_twice, retry=True) == "image"
+    assert len(attempts) == 3
+    attempts.clear()
+    with pytest.raises(TemporarilyUnavailableError):
+        patient._when_available(down_twice, retry=False)  # no seed: the caller decides
+    assert len(attempts) == 1
+    attempts.clear()
+    impatient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=0)
+    with pytest.raises(TemporarilyUnavailableError):
+        impatient._when_available(down_twice, retry=True)
+    assert len(attempts) == 1

@@ -1,0 +1,160 @@
+"""The launcher's watchdog: prove by real inference that every model serves, and restart the server when not.
+
+Triton 2.51 does not restart a Python stub that died (killed by the OOM killer, a segfault in a CUDA kernel,
+an operator's ``kill``): the model's readiness endpoint keeps answering 200 while every request to it fails
+with HTTP 500 "Stub process '<model>_0_0' is not healthy". So the watchdog does not trust readiness. Every
+``interval_s`` it sends each model the same small request the start-up probe sends (64x64, one step) and
+restarts the server when one fails for any reason but a full queue: that finds a hung model as well as a dead
+one. It also looks every second for the crashes that need no probe: the server process gone, or a stub that
+has died (a zombie child of the server: Triton does not reap it). So a crash is repaired within seconds, and
+a model with two instances, one dead, is not left half-broken because the probe happened to reach the other.
+
+A restart is the whole server, on the same ports with the same key (``TritonServer.restart``): model
+load/unload over Triton's API stays disabled, so that no client can swap models. On a GPU that means every
+model is loaded again, which takes as long as a start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ServerStartError
+from .server import TritonServer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 30.0
+DEFAULT_PROBE_TIMEOUT_S = 300.0
+"""A probe waits in the model's queue like any request: behind up to max_queue_size multi-second generations."""
+MAX_FAILED_RESTARTS = 3
+"""Consecutive restarts that fail to bring the models back before the watchdog gives up (and serve exits)."""
+_CRASH_CHECK_S = 1.0
+_QUEUE_FULL = "Exceeds maximum queue size"
+
+
+class WatchdogGaveUpError(ServerStartError):
+    """The server could not be brought back after ``MAX_FAILED_RESTARTS`` attempts in a row."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why the server needs a restart."""
+
+    model: str | None
+    """The model whose probe failed; None when the server process itself is gone."""
+    reason: str
+
+
+class Watchdog:
+    """Watches one started, ready ``TritonServer`` and restarts it on a fault. Run it with :meth:`run`."""
+
+    def __init__(self, server: TritonServer, interval_s: float = DEFAULT_INTERVAL_S,
+                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s={interval_s} is invalid: must be a positive number of seconds")
+        self.server = server
+        self.interval_s = interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.restarts = 0
+        self.faults: list[Fault] = []
+        self._restarted = threading.Condition()
+
+    def run(self, stop: threading.Event) -> None:
+        """Watch until ``stop`` is set; raise WatchdogGaveUpError if the server cannot be brought back.
+
+        Call it from the thread that started the server and that outlives it: the server is started with a
+        parent-death signal that fires when the starting thread ends, and restarts start it from here.
+        """
+        next_probe = time.monotonic() + self.interval_s
+        while not stop.wait(_CRASH_CHECK_S):
+            fault = self._crash()
+            if fault is None and time.monotonic() >= next_probe:
+                fault = self.check()
+                next_probe = time.monotonic() + self.interval_s
+            if fault is not None and not stop.is_set():
+                self._recover(fault, stop)
+                next_probe = time.monotonic() + self.interval_s
+
+    def check(self) -> Fault | None:
+        """Probe every model by real inference; the first fault found, or None if all serve."""
+        process = self.server.process
+        if process is None or process.poll() is not None:
+            return self._crash()
+        for model in self.server.models:
+            reason = self._probe(model)
+            if reason is not None:
+                return Fault(model, reason)
+        return None
+
+    def wait_for_restarts(self, count: int, timeout_s: float) -> bool:
+        """Block until the watchdog has completed ``count`` restarts in all (tests and tools); False on timeout."""
+        with self._restarted:
+            return self._restarted.wait_for(lambda: self.restarts >= count, timeout=timeout_s)
+
+    def _probe(self, model: str) -> str | None:
+        try:
+            self.server.probe(model, timeout_s=self.probe_timeout_s)
+        except ServerStartError as error:
+            reason = str(error).split("\n", 1)[0]  # without the log tail that start-up errors carry
+            if _QUEUE_FULL in reason:  # the model is busy, so its stub is alive and answering
+                logger.info("watchdog: %s's queue is full; its probe waits for the next round", model)
+                return None
+            return reason
+        return None
+
+    def _recover(self, fault: Fault, stop: threading.Event) -> None:
+        self.faults.append(fault)
+        for attempt in range(1, MAX_FAILED_RESTARTS + 1):
+            where = f"model {fault.model}" if fault.model else "the server"
+            logger.error("watchdog: %s failed (%s); restarting tritonserver (attempt %d of %d)", where,
+                         fault.reason, attempt, MAX_FAILED_RESTARTS)
+            try:
+                self.server.restart()
+            except ServerStartError as error:
+                logger.error("watchdog: restart failed: %s", error)
+                if stop.is_set():
+                    return
+                continue
+            with self._restarted:
+                self.restarts += 1
+                self._restarted.notify_all()
+            logger.info("watchdog: tritonserver is serving again (restart %d)", self.restarts)
+            return
+        raise WatchdogGaveUpError(f"tritonserver could not be brought back after {MAX_FAILED_RESTARTS} restarts "
+                                  f"in a row (first fault: {fault.reason})")
+
+    def _crash(self) -> Fault | None:
+        """The fault that needs no probe to be seen: the server process gone, or one of its stubs dead."""
+        process = self.server.process
+        if process is None or process.poll() is not None:
+            code = None if process is None else process.returncode
+            return Fault(None, f"tritonserver exited (exit code {code})")
+        dead = _dead_child(process.pid)
+        if dead is not None:
+            # With two instances the probe may well reach the live one, yet requests to the dead one fail.
+            return Fault(None, f"a Python stub of tritonserver died (pid {dead}); Triton does not restart it")
+        return None
+
+
+def _dead_child(pid: int) -> int | None:
+    """A child of ``pid`` that is a zombie (a stub that died; Triton does not reap it), or None (Linux /proc)."""
+    # Each thread lists the children it forked: Triton starts stubs from its model-loading threads.
+    children: list[str] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:  # the thread ended, or no CONFIG_PROC_CHILDREN: the periodic probes still find faults
+            continue
+    for child in children:
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue  # gone between the two reads: reaped, so not a zombie
+        # The state follows the command name in parentheses, which may itself hold spaces and parentheses.
+        if stat[stat.rindex(")") + 2:].startswith("Z"):
+            return int(child)
+    return None
