@@ -45,6 +45,10 @@ class GenerationError(DiffusersBackendError):
     """The pipeline failed on valid input (out of memory, non-finite pixels); that group of requests fails."""
 
 
+class RequestCancelledError(DiffusersBackendError):
+    """The caller cancelled the request (Triton saw its gRPC call cancelled): no more is computed for it."""
+
+
 _MAX_SHOWN_CHARS = 48
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .batching import group_requests
 from .cpu_sharing import CoreSharing
-from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, ModelLoadError
+from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, ModelLoadError, RequestCancelledError
 from .settings import ModelSettings
 from .validation import GenerationRequest, RequestLimits, parse_request
 
@@ -39,7 +40,8 @@ Outcome = GeneratedImage | DiffusersBackendError
 
 
 class ImageGenerator(Protocol):
-    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]: ...
+    def generate(self, group: Sequence[GenerationRequest],
+                 stop_requested: Callable[[], bool] | None = None) -> list[np.ndarray | InvalidRequestError]: ...
 
 
 class DiffusersService:
@@ -77,8 +79,14 @@ class DiffusersService:
             raise ModelLoadError(f"model {self.model_id!r} loaded but cannot generate: {error}") from error
         logger.info("%s: warm-up generation took %.3f s", self.model_id, time.perf_counter() - started)
 
-    def execute(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[Outcome]:
-        """One outcome per request of ``batch`` (input name → array), in order."""
+    def execute(self, batch: Sequence[Mapping[str, np.ndarray]],
+                cancelled: Sequence[Callable[[], bool]] | None = None) -> list[Outcome]:
+        """One outcome per request of ``batch`` (input name → array), in order.
+
+        ``cancelled[i]()`` says whether request i's caller has gone away. A request cancelled before its
+        group starts is not generated; a group stops after the denoising step at which all of its callers
+        are gone (while one is left, the others' images cost nothing extra: they share the batch).
+        """
         started = time.perf_counter()
         outcomes: list[Outcome | None] = [None] * len(batch)
         parsed: list[GenerationRequest] = []
@@ -92,13 +100,27 @@ class DiffusersService:
                 outcomes[position] = error
 
         groups = group_requests(parsed)
-        for group in groups:
+        calls = 0
+        for whole_group in groups:
+            group = whole_group
+            if cancelled is not None:
+                group = [index for index in whole_group if not cancelled[positions[index]]()]
+                for index in set(whole_group) - set(group):
+                    outcomes[positions[index]] = RequestCancelledError("cancelled by the caller before it started")
+                if not group:
+                    continue
             requests = [parsed[index] for index in group]
+            stop_requested = None if cancelled is None else partial(
+                _all_cancelled, [cancelled[positions[index]] for index in group])
+            calls += 1
             try:
-                images = self.generator.generate(requests)
+                images = self.generator.generate(requests, stop_requested)
+            except RequestCancelledError as error:
+                logger.info("%s: %d request(s) %s", self.model_id, len(group), error)
+                results: list[Outcome] = [error] * len(group)
             except GenerationError as error:
                 logger.error("%s: generation failed for %d request(s): %s", self.model_id, len(group), error)
-                results: list[Outcome] = [error] * len(group)
+                results = [error] * len(group)
             except Exception as error:  # one failing call must not take the others down
                 logger.exception("%s: pipeline call failed for %d request(s)", self.model_id, len(group))
                 failure = GenerationError(f"the pipeline failed: {type(error).__name__}: {error}")
@@ -111,9 +133,13 @@ class DiffusersService:
 
         logger.info(
             "%s: %d request(s), %d refused, %d pipeline call(s), %.3f s",
-            self.model_id, len(batch), len(batch) - len(parsed), len(groups), time.perf_counter() - started,
+            self.model_id, len(batch), len(batch) - len(parsed), calls, time.perf_counter() - started,
         )
         missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
         if missing:  # would misalign responses and requests: fail loudly instead
             raise RuntimeError(f"no outcome for request positions {missing}")
         return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _all_cancelled(checks: Sequence[Callable[[], bool]]) -> bool:
+    return all(check() for check in checks)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .cpu_sharing import CoreSharing, available_cores
-from .errors import DiffusersBackendError, InvalidRequestError
+from .errors import DiffusersBackendError, InvalidRequestError, RequestCancelledError
 from .loading import Placement
 from .service import DiffusersService, GeneratedImage, Outcome
 from .settings import ModelSettings
@@ -54,7 +54,9 @@ class DiffusersTritonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         batch = [self._input_arrays(request) for request in requests]
-        return [self._response(outcome) for outcome in self.service.execute(batch)]
+        # Triton marks a request cancelled when its gRPC caller cancels the call (HTTP has no such signal).
+        cancelled = [request.is_cancelled for request in requests]
+        return [self._response(outcome) for outcome in self.service.execute(batch, cancelled)]
 
     def finalize(self) -> None:
         logger.info("%s unloading", self.service.model_id)
@@ -77,8 +79,12 @@ class DiffusersTritonModel:
                 pb_utils.Tensor("IMAGE", outcome.image[np.newaxis]),
                 pb_utils.Tensor("SEED", np.array([[outcome.seed]], dtype=np.int64)),
             ])
-        code = (pb_utils.TritonError.INVALID_ARG if isinstance(outcome, InvalidRequestError)
-                else pb_utils.TritonError.INTERNAL)
+        if isinstance(outcome, InvalidRequestError):
+            code = pb_utils.TritonError.INVALID_ARG
+        elif isinstance(outcome, RequestCancelledError):
+            code = pb_utils.TritonError.CANCELLED
+        else:
+            code = pb_utils.TritonError.INTERNAL
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome), code))
 
 

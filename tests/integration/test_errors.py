@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import struct
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from triton_launcher.paths import INFER_KEY_HEADER
 from triton_launcher.server import TritonServer
 
 from .conftest import TINY_MODELS, Generator
+from .grpc_wire import field, grpc_call, length_delimited_fields, model_infer_request
 
 BAD_OPTIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": ""}, "PROMPT", "must contain visible text"),
@@ -164,95 +164,26 @@ def test_model_load_and_unload_are_refused_even_with_the_key_when_requested(
         assert client.is_model_ready("tiny-sd15")
 
 
-# gRPC, spoken with grpcio alone: tritonclient's gRPC client needs protobuf<5, which the pipelines' pin rules
-# out. Enough of protobuf's wire format (varints and length-delimited fields) to build a ModelInferRequest of
-# Triton's grpc_service.proto and to read the raw outputs of its answer.
-GRPC_SERVICE = "/inference.GRPCInferenceService/"
-
-
-def _varint(value: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        encoded.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(encoded)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _length_delimited_fields(message: bytes) -> list[tuple[int, bytes]]:
-    fields, position = [], 0
-    while position < len(message):
-        key, position = _read_varint(message, position)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, position = _read_varint(message, position)
-        elif wire_type == 2:
-            length, position = _read_varint(message, position)
-            fields.append((number, message[position:position + length]))
-            position += length
-        else:
-            raise AssertionError(f"wire type {wire_type} is not in a ModelInferResponse")
-    return fields
-
-
-def _read_varint(message: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = message[position]
-        value, shift, position = value | (byte & 0x7F) << shift, shift + 7, position + 1
-        if not byte & 0x80:
-            return value, position
-
-
-def _model_infer_request(model: str, side: int) -> bytes:
-    """ModelInferRequest: model_name (1), inputs (5: name 1, datatype 2, shape 3) and raw_input_contents (7)."""
-    prompt = b"a red cube"
-    inputs = [("PROMPT", "BYTES", struct.pack("<I", len(prompt)) + prompt),
-              ("WIDTH", "INT32", struct.pack("<i", side)), ("HEIGHT", "INT32", struct.pack("<i", side)),
-              ("NUM_INFERENCE_STEPS", "INT32", struct.pack("<i", 1))]
-    shape = _varint(1) + _varint(1)
-    request = _field(1, model.encode())
-    for name, datatype, _ in inputs:
-        request += _field(5, _field(1, name.encode()) + _field(2, datatype.encode()) + _field(3, shape))
-    return request + b"".join(_field(7, contents) for _, _, contents in inputs)
-
-
-def _grpc(tiny_server: TritonServer, method: str, request: bytes, key: str | None) -> bytes:
-    import grpc
-
-    # Triton's gRPC endpoint reads a restricted protocol's header from metadata named with this prefix.
-    metadata = None if key is None else ((f"triton-grpc-protocol-{INFER_KEY_HEADER}", key),)
-    # No proxy: a grpc_proxy or http_proxy in the environment must not carry loopback calls elsewhere.
-    with grpc.insecure_channel(f"127.0.0.1:{tiny_server.options.grpc_port}",
-                               options=[("grpc.enable_http_proxy", 0)]) as channel:
-        call = channel.unary_unary(GRPC_SERVICE + method)  # no serializers: bytes in, bytes out
-        return bytes(call(request, metadata=metadata, timeout=120))
-
-
 def test_grpc_inference_needs_the_key_like_http_and_works_with_it(tiny_server: TritonServer) -> None:
     import grpc
 
-    assert _grpc(tiny_server, "ServerLive", b"", key=None) == b"\x08\x01"  # health is open: live = true
-    request = _model_infer_request("tiny-sd15", side=64)
+    assert grpc_call(tiny_server, "ServerLive", b"", key=None) == b"\x08\x01"  # health is open: live = true
+    request = model_infer_request("tiny-sd15", side=64)
     for key in (None, "not-the-key"):
         with pytest.raises(grpc.RpcError) as caught:
-            _grpc(tiny_server, "ModelInfer", request, key=key)
+            grpc_call(tiny_server, "ModelInfer", request, key=key)
         assert caught.value.code() != grpc.StatusCode.OK
         assert INFER_KEY_HEADER in caught.value.details()
 
-    answer = _length_delimited_fields(_grpc(tiny_server, "ModelInfer", request, key=tiny_server.infer_key))
+    answer = length_delimited_fields(grpc_call(tiny_server, "ModelInfer", request, key=tiny_server.infer_key))
     raw_outputs = [payload for number, payload in answer if number == 6]  # raw_output_contents
     assert sorted(len(payload) for payload in raw_outputs) == [8, 64 * 64 * 3]  # SEED (int64), IMAGE (uint8)
 
 
 @pytest.mark.parametrize(
     ("method", "request_bytes"),
-    [("ModelConfig", _field(1, b"tiny-sd15")), ("ModelStatistics", b""), ("RepositoryIndex", b""),
-     ("RepositoryModelUnload", _field(2, b"tiny-sd15"))],
+    [("ModelConfig", field(1, b"tiny-sd15")), ("ModelStatistics", b""), ("RepositoryIndex", b""),
+     ("RepositoryModelUnload", field(2, b"tiny-sd15"))],
     ids=["model-config", "statistics", "model-repository", "unload"],
 )
 def test_other_grpc_apis_are_refused_when_no_key_is_sent(
@@ -261,7 +192,7 @@ def test_other_grpc_apis_are_refused_when_no_key_is_sent(
     import grpc
 
     with pytest.raises(grpc.RpcError) as caught:
-        _grpc(tiny_server, method, request_bytes, key=None)
+        grpc_call(tiny_server, method, request_bytes, key=None)
     assert INFER_KEY_HEADER in caught.value.details()
     with tiny_server.http_client() as client:
         assert client.is_model_ready("tiny-sd15")
@@ -271,6 +202,6 @@ def test_grpc_model_unload_is_refused_even_with_the_key(tiny_server: TritonServe
     import grpc
 
     with pytest.raises(grpc.RpcError, match="explicit model load / unload is not allowed"):
-        _grpc(tiny_server, "RepositoryModelUnload", _field(2, b"tiny-sd15"), key=tiny_server.infer_key)
+        grpc_call(tiny_server, "RepositoryModelUnload", field(2, b"tiny-sd15"), key=tiny_server.infer_key)
     with tiny_server.http_client() as client:
         assert client.is_model_ready("tiny-sd15")

@@ -11,12 +11,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from diffusers_backend.engine import DiffusionEngine, to_uint8_images  # noqa: E402
-from diffusers_backend.errors import GenerationError, InvalidRequestError, ModelLoadError  # noqa: E402
+from diffusers_backend.errors import (  # noqa: E402
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestCancelledError,
+)
 from diffusers_backend.families import inspect_pipeline  # noqa: E402
 from diffusers_backend.loading import Placement, resolve_pipeline_folder  # noqa: E402
 from diffusers_backend.service import DiffusersService, GeneratedImage  # noqa: E402
 from diffusers_backend.settings import ModelSettings  # noqa: E402
 from diffusers_backend.tiny import build_tiny_models  # noqa: E402
+from diffusers_backend.validation import GenerationRequest  # noqa: E402
 from triton_launcher.contract import TextToImage  # noqa: E402
 from triton_launcher.paths import TINY_PIPELINES  # noqa: E402
 
@@ -161,3 +167,22 @@ def test_torch_compile_wraps_the_denoiser_with_the_configured_mode(
     service = load(tiny_folders["sd3"], torch_compile="max-autotune")
     transformer = service.generator.pipeline.transformer  # type: ignore[attr-defined]
     assert compiled == [(transformer, "max-autotune")]
+
+
+def test_engine_stops_after_the_step_at_which_the_callers_left_and_serves_on(tiny_folders: dict[str, Path]) -> None:
+    engine = load(tiny_folders["sd15"]).generator
+    assert isinstance(engine, DiffusionEngine)
+    request = GenerationRequest(prompt="a cube", negative_prompt=None, width=64, height=64, steps=8,
+                                guidance_scale=7.5, seed=3)
+    questions: list[int] = []
+
+    def gone_at_third_question() -> bool:
+        questions.append(len(questions))
+        return len(questions) >= 3
+
+    with pytest.raises(RequestCancelledError, match="cancelled by the caller after step 3 of 8"):
+        engine.generate([request], gone_at_third_question)
+    assert len(questions) == 3  # asked once per step, and nothing ran after
+    image = engine.generate([request], lambda: False)[0]
+    assert isinstance(image, np.ndarray)
+    assert image.shape == (64, 64, 3)

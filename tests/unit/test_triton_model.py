@@ -7,14 +7,14 @@ import os
 import sys
 import tempfile
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from diffusers_backend.errors import GenerationError, InvalidRequestError
+from diffusers_backend.errors import GenerationError, InvalidRequestError, RequestCancelledError
 from diffusers_backend.service import DiffusersService
 from diffusers_backend.settings import ModelSettings
 from diffusers_backend.triton_model import DiffusersTritonModel
@@ -33,13 +33,21 @@ class FakeTensor:
 
 
 class FakeRequest:
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], cancelled_after_checks: int | None = None) -> None:
         self.tensors = {name: FakeTensor(name, array) for name, array in arrays.items()}
+        self.cancelled_after_checks = cancelled_after_checks
+        """None: never cancelled; k: is_cancelled() says yes from its (k+1)-th call on."""
+        self.checks = 0
+
+    def is_cancelled(self) -> bool:
+        self.checks += 1
+        return self.cancelled_after_checks is not None and self.checks > self.cancelled_after_checks
 
 
 class FakeTritonError:
     INVALID_ARG = "INVALID_ARG"
     INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
 
     def __init__(self, message: str, code: str) -> None:
         self.message, self.code = message, code
@@ -69,10 +77,14 @@ class RecordingGenerator:
         self.calls: list[list[GenerationRequest]] = []
         self.fail_width = fail_width
 
-    def generate(self, group: Sequence[GenerationRequest]) -> list[np.ndarray | InvalidRequestError]:
+    def generate(self, group: Sequence[GenerationRequest],
+                 stop_requested: Callable[[], bool] | None = None) -> list[np.ndarray | InvalidRequestError]:
         self.calls.append(list(group))
         if group[0].width == self.fail_width:
             raise GenerationError("out of memory")
+        for step in range(1, group[0].steps + 1):  # asked after every step, as the engine does
+            if stop_requested is not None and stop_requested():
+                raise RequestCancelledError(f"cancelled by the caller after step {step} of {group[0].steps}")
         return [np.full((r.height, r.width, 3), r.seed % 256, dtype=np.uint8) for r in group]
 
 
@@ -181,3 +193,34 @@ def test_warm_up_fails_the_load_when_the_pipeline_cannot_generate() -> None:
     with pytest.raises(ModelLoadError, match="model 'm' loaded but cannot generate: out of memory"):
         service.warm_up()
     assert [(r.width, r.steps, r.seed) for r in generator.calls[0]] == [(64, 1, 0)]
+
+
+@pytest.mark.usefixtures("fake_pb_utils")
+def test_cancelled_requests_get_cancelled_errors_and_stop_their_group_only_when_every_caller_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generator = RecordingGenerator()
+    model = initialized_model(monkeypatch, generator)
+
+    def request(seed: int, width: int, cancelled_after_checks: int | None) -> FakeRequest:
+        arrays = TextToImage("p", width=width, height=64, num_inference_steps=6, seed=seed).arrays()
+        return FakeRequest(arrays, cancelled_after_checks)
+
+    gone_before = request(1, 64, cancelled_after_checks=0)
+    staying = request(2, 64, cancelled_after_checks=None)
+    leaving_late = request(3, 64, cancelled_after_checks=3)
+    both_leave = [request(4, 128, cancelled_after_checks=2), request(5, 128, cancelled_after_checks=4)]
+    responses = model.execute([gone_before, staying, leaving_late, *both_leave])
+
+    assert responses[0].error.code == FakeTritonError.CANCELLED
+    assert "before it started" in responses[0].error.message
+    # One caller stays, so the shared call runs to the end and both get their image.
+    assert responses[1].error is None
+    assert responses[2].error is None
+    assert int(responses[2].outputs["SEED"][0, 0]) == 3
+    # The 128-wide group: each caller is asked once before it starts, then after every step until both are
+    # gone; the second one leaves at its 5th question, after step 5 of 6.
+    for response in responses[3:]:
+        assert response.error.code == FakeTritonError.CANCELLED
+        assert response.error.message == "cancelled by the caller after step 5 of 6"
+    assert [len(call) for call in generator.calls] == [2, 2]

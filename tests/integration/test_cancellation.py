@@ -1,0 +1,68 @@
+"""A caller that goes away does not keep the model busy: a cancelled gRPC call stops at the next step.
+
+Over HTTP Triton cannot see a caller leave (README "Overload and cancellation"); over gRPC it marks the
+request cancelled, and the model asks after every denoising step.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+
+from triton_launcher.server import TritonServer
+
+from .conftest import Generator
+from .grpc_wire import channel, key_metadata, method, model_infer_request
+
+MODEL = "tiny-sd15"
+STEPS = 100
+"""Hundreds of milliseconds per step at 512x512 on these CPUs: a call that ran to the end would take seconds."""
+WAIT_S = 120.0
+Found = TypeVar("Found")
+
+
+def test_a_cancelled_grpc_generation_stops_after_the_step_it_was_at_and_the_model_serves_on(
+    tiny_server: TritonServer, generator: Generator,
+) -> None:
+    log = Path(str(tiny_server.log_path))
+    log_size = log.stat().st_size
+    cpu_before = _stub_cpu_seconds(tiny_server)
+    with channel(tiny_server) as open_channel:
+        call = method(open_channel, "ModelInfer").future(
+            model_infer_request(MODEL, side=512, steps=STEPS), metadata=key_metadata(tiny_server.infer_key),
+            timeout=WAIT_S)
+        _wait_until(lambda: max(_spent(tiny_server, cpu_before)) > 0.5, "a stub to start on the generation")
+        assert call.cancel()
+
+    stopped = _wait_until(lambda: re.search(rf"cancelled by the caller after step (\d+) of {STEPS}",
+                                            log.read_bytes()[log_size:].decode(errors="replace")),
+                          "the model to log that it stopped")
+    assert stopped is not None
+    assert int(stopped.group(1)) < STEPS
+    assert generator.generate(MODEL, seed=5).image.shape == (96, 128, 3)
+
+
+def _stub_cpu_seconds(server: TritonServer) -> dict[int, float]:
+    assert server.process is not None
+    return {stub.pid: sum(stub.cpu_times()[:2])
+            for stub in psutil.Process(server.process.pid).children(recursive=True)
+            if f"/{MODEL}/1/model.py" in " ".join(stub.cmdline())}
+
+
+def _spent(server: TritonServer, before: dict[int, float]) -> list[float]:
+    return [seconds - before.get(pid, seconds) for pid, seconds in _stub_cpu_seconds(server).items()]
+
+
+def _wait_until(condition: Callable[[], Found], what: str) -> Found:
+    deadline = time.monotonic() + WAIT_S
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {WAIT_S:.0f} s for {what}")
+        time.sleep(0.05)
+    return result
