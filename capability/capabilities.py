@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from diffusers_backend.errors import describe_value
+
 from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
 from .store import Store
 
@@ -47,10 +49,11 @@ def new_capability_id() -> str:
 
 def check_entity(entity: str, role: str = "entity") -> str:
     if not isinstance(entity, str) or not entity.strip() or len(entity) > MAX_ENTITY_LENGTH:
-        raise InvalidParamsError(f"{role} {entity!r} is invalid: must be a non-empty name of at most "
+        raise InvalidParamsError(f"{role} {describe_value(entity)} is invalid: must be a non-empty name of at most "
                                  f"{MAX_ENTITY_LENGTH} characters")
     if not entity.isprintable():
-        raise InvalidParamsError(f"{role} {entity!r} is invalid: must contain printable characters only")
+        raise InvalidParamsError(f"{role} {describe_value(entity)} is invalid: must contain printable characters "
+                                 "only")
     return entity
 
 
@@ -76,10 +79,11 @@ class GenerateParams:
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> GenerateParams:
         known = {field.name for field in fields(cls)}
-        unknown = sorted(set(raw) - known - {"expires_at"})
+        unknown = sorted(describe_value(name) for name in set(raw) - known - {"expires_at"})
         if unknown:
-            raise InvalidParamsError(f"unknown parameter(s) {unknown}; the known ones are {sorted(known)} and "
-                                     "expires_at")
+            # Described, and at most five: a caller's keys may be megabytes long or thousands of them.
+            raise InvalidParamsError(f"unknown parameter(s) [{', '.join(unknown[:5])}]; the known ones are "
+                                     f"{sorted(known)} and expires_at")
         for required in ("server_url", "default_model"):
             if not isinstance(raw.get(required), str) or not raw[required].strip():
                 raise InvalidParamsError(f"{required} is required: a non-empty string")
@@ -90,7 +94,7 @@ class GenerateParams:
             **{name: _limit(name, raw.get(name)) for name in cls.LIMITS},
         )
         if params.allowed_models is not None and params.default_model not in params.allowed_models:
-            raise InvalidParamsError(f"default_model {params.default_model!r} is not in allowed_models "
+            raise InvalidParamsError(f"default_model {describe_value(params.default_model)} is not in allowed_models "
                                      f"{list(params.allowed_models)}")
         return params
 
@@ -138,13 +142,14 @@ def canonical_server_url(url: str) -> str:
         parts = urlsplit(url.strip())
         hostname = parts.hostname
     except ValueError as error:
-        raise InvalidParamsError(f"server_url {url!r} is invalid: {error}") from None
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: {error}") from None
     if parts.scheme not in {"http", "https"} or not hostname:
-        raise InvalidParamsError(f"server_url {url!r} is invalid: must look like http://127.0.0.1:8000")
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: must look like http://127.0.0.1:8000")
     if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username or parts.password:
-        raise InvalidParamsError(f"server_url {url!r} is invalid: only scheme, host and port are allowed")
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: only scheme, host and port are allowed")
     if not _NETLOC.fullmatch(parts.netloc):  # urlsplit itself is lenient, e.g. with "[::1]x:80"
-        raise InvalidParamsError(f"server_url {url!r} is invalid: {parts.netloc!r} is not host[:port]")
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: {describe_value(parts.netloc)} is not "
+                                 "host[:port]")
     try:
         port = parts.port
     except ValueError:
@@ -152,10 +157,11 @@ def canonical_server_url(url: str) -> str:
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     if not 1 <= port <= 65535:
-        raise InvalidParamsError(f"server_url {url!r} is invalid: the port must be 1 to 65535")
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: the port must be 1 to 65535")
     host = hostname.lower()
     if not _valid_host(host, bracketed=parts.netloc.rsplit("@", 1)[-1].startswith("[")):
-        raise InvalidParamsError(f"server_url {url!r} is invalid: {host!r} is not a host name or IP address")
+        raise InvalidParamsError(f"server_url {describe_value(url)} is invalid: {describe_value(host)} is not a host "
+                                 "name or IP address")
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}"
@@ -177,7 +183,8 @@ def _model_list(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise InvalidParamsError(f"allowed_models={value!r} is invalid: must be a non-empty list of model ids")
+        raise InvalidParamsError(f"allowed_models={describe_value(value)} is invalid: must be a non-empty list of "
+                                 "model ids")
     return tuple(dict.fromkeys(value))
 
 
@@ -185,18 +192,26 @@ def _limit(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidParamsError(f"{name}={value!r} is invalid: must be a positive integer")
+        raise InvalidParamsError(f"{name}={describe_value(value)} is invalid: must be a positive integer")
     return value
 
 
 def parse_expiry(value: Any, now: float) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidParamsError(f"expires_at={value!r} is invalid: must be a time in seconds since the epoch")
-    if value <= now:
+    invalid = InvalidParamsError(f"expires_at={describe_value(value)} is invalid: must be a time in seconds since "
+                                 "the epoch")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float (JSON allows it): no time, rather than a crash
+        raise invalid from None
+    if not math.isfinite(seconds):
+        raise invalid
+    if seconds <= now:
         raise InvalidParamsError(f"expires_at={value!r} is invalid: it is already past")
-    return float(value)
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -316,8 +331,8 @@ class Capabilities:
             capability = self._find(db, capability_id)
             owners = {link.owner for link in self._chain(db, capability)} if capability else set()
             if capability is None or entity not in owners:
-                raise DeniedError(f"capability {capability_id!r} is neither held by {entity!r} nor below a "
-                                  f"capability {entity!r} holds")
+                raise DeniedError(f"capability {describe_value(capability_id)} is neither held by "
+                                  f"{describe_value(entity)} nor below a capability it holds")
             subtree = [row["id"] for row in db.execute(
                 """WITH RECURSIVE subtree(id) AS (
                        SELECT ? UNION SELECT c.id FROM capabilities c JOIN subtree s ON c.parent_id = s.id)
@@ -334,6 +349,8 @@ class Capabilities:
             return self._held(self.store.read(), entity, capability_id, "show")
 
     def owned(self, entity: str) -> list[Capability]:
+        if isinstance(entity, str) and not _is_utf8(entity):  # check_entity refused such owners: none can match
+            return []
         rows = self.store.read().execute(
             "SELECT * FROM capabilities WHERE owner = ? ORDER BY created_at, id", (entity,))
         return [Capability.from_row(row) for row in rows]
@@ -344,7 +361,7 @@ class Capabilities:
         capability = self._find(db, capability_id)
         with self._recording_denials(entity, capability_id, "audit"):
             if capability is None or entity not in {link.owner for link in self._chain(db, capability)}:
-                raise DeniedError(f"capability {capability_id!r} is not held by {entity!r}")
+                raise DeniedError(f"capability {describe_value(capability_id)} is not held by {describe_value(entity)}")
         rows = db.execute("SELECT * FROM audit WHERE capability_id = ? ORDER BY id", (capability_id,))
         return [dict(row) for row in rows]
 
@@ -443,7 +460,8 @@ class Capabilities:
         return self._load(db, identifier)
 
     def _find(self, db: sqlite3.Connection, capability_id: object) -> Capability | None:
-        if not isinstance(capability_id, str):
+        # No stored id holds a lone surrogate (ids are URL-safe base64), and SQLite would refuse to bind one.
+        if not isinstance(capability_id, str) or not _is_utf8(capability_id):
             return None
         row = db.execute("SELECT * FROM capabilities WHERE id = ?", (capability_id,)).fetchone()
         return Capability.from_row(row) if row else None
@@ -457,7 +475,8 @@ class Capabilities:
         capability = self._find(db, capability_id)
         # One message for "no such id" and "someone else's": ids are not to be probed for.
         if capability is None or capability.owner != entity:
-            raise DeniedError(f"cannot {verb} capability {capability_id!r}: it is not held by {entity!r}")
+            raise DeniedError(f"cannot {verb} capability {describe_value(capability_id)}: it is not held by "
+                              f"{describe_value(entity)}")
         return capability
 
     def _chain(self, db: sqlite3.Connection, capability: Capability) -> list[Capability]:
@@ -510,8 +529,25 @@ class Capabilities:
         db.execute(
             "INSERT INTO audit (at, entity, capability_id, action, outcome, model, width, height, steps, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.clock(), entity, capability_id, action, outcome, model, width, height, steps, detail),
+            (self.clock(), _storable(entity), _storable(capability_id if isinstance(capability_id, str) else None),
+             action, outcome, _storable(model), width, height, steps, _storable(detail)),
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from undecodable command-line bytes
+        return False
+    return True
+
+
+def _storable(text: str | None) -> str | None:
+    """``text`` as SQLite can store it: lone surrogates, which a Python string may hold and UTF-8 cannot, escaped
+    as ``\\udcXX``. For audit entries, which describe what was asked; a refusal must be recorded, not crash."""
+    if text is None or _is_utf8(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _when(timestamp: float) -> str:

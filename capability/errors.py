@@ -36,7 +36,20 @@ class InvalidOptionError(CapabilityError):
         self.option = option
         self.value = value
         self.rule = rule
-        super().__init__(f"{option}={describe_value(value)} is invalid: {rule}")
+        super().__init__(f"{describe_option_name(option)}={describe_value(value)} is invalid: {rule}")
+
+
+def describe_option_name(option: str) -> str:
+    """An option's name as a message shows it: as is when it is a short identifier (every real option is), else
+    quoted and cut like a value. The name of an unknown option is the caller's key, which may be megabytes long
+    or hold lone surrogates and control characters; shown raw, it would bloat the message and the audit record
+    made from it, and a lone surrogate would make SQLite refuse that record."""
+    if option.isidentifier() and len(option) <= MAX_SHOWN_OPTION_NAME:
+        return option
+    return describe_value(option)
+
+
+MAX_SHOWN_OPTION_NAME = 64
 
 
 class ServerError(CapabilityError):
