@@ -74,6 +74,8 @@ def check_prompt(prompt: object, option: str = "prompt") -> str:
 
 
 def parse_options(options: Mapping[str, Any] | None) -> Options:
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidOptionError("options", options, "must be a mapping of option names to values, or None")
     options = dict(options or {})
     for name in options:
         if name not in OPTION_NAMES:
@@ -88,7 +90,11 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if guidance is not None:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
             raise InvalidOptionError("guidanceScale", guidance, "must be a number")
-        if not math.isfinite(guidance):
+        try:
+            finite = math.isfinite(guidance)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
             raise InvalidOptionError("guidanceScale", guidance, "must be a finite number (NaN would silently "
                                      "disable guidance)")
         if not 0 <= guidance <= MAX_GUIDANCE_SCALE:

@@ -109,9 +109,11 @@ import os, subprocess, sys, threading
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from triton_launcher.watchdog import _dead_child
 children = []
-thread = threading.Thread(target=lambda: children.append(subprocess.Popen(["true"])))
+waiting = [sys.executable, "-c", "import sys; sys.stdin.read()"]  # alive until its stdin closes
+thread = threading.Thread(target=lambda: children.append(subprocess.Popen(waiting, stdin=subprocess.PIPE)))
 thread.start(); thread.join()
 before = _dead_child(os.getpid())
+children[0].stdin.close()
 os.waitid(os.P_PID, children[0].pid, os.WEXITED | os.WNOWAIT)
 print(before, _dead_child(os.getpid()) == children[0].pid, end=" ")
 children[0].wait()
