@@ -4,6 +4,10 @@ Each thread gets its own connection. Writes run in ``BEGIN IMMEDIATE`` transacti
 write lock before reading what it will change and two writers never interleave; a process killed in the middle
 of a write leaves the last committed state (SQLite's journal rolls the rest back). The schema version is
 SQLite's ``user_version``; :data:`MIGRATIONS` brings any older file up to date when it is opened.
+
+Every SQLite failure reaches callers as a :class:`StoreError` naming the file, what is wrong with it and what
+to do (a raw ``sqlite3.OperationalError: database is locked`` says neither). The store never re-creates, repairs
+or adopts a file it cannot read as its own: a damaged or foreign file is refused and left as it is.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from triton_launcher.server import state_dir_problem
 
@@ -24,6 +29,7 @@ STORE_FILE = "capabilities.sqlite3"
 """File name of the store inside the launcher's state dir."""
 
 BUSY_TIMEOUT_MS = 15_000
+"""How long a write waits for another process's write transaction before StoreError says the store is locked."""
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: capabilities, concurrency leases, audit log, known servers.
@@ -79,16 +85,23 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "servers"})
+"""The tables every store at :data:`SCHEMA_VERSION` has: a file without them is not a capability store."""
 
 
 class Store:
     """Connections to one store file; create it (mode 0600) and migrate it on first use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._create_private_file()
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()  # a refused file is not held open (nor its -wal and -shm files left) until collected
+            raise
 
     def _create_private_file(self) -> None:
         """The store holds server keys and rights: its directory and files must be this user's alone.
@@ -100,6 +113,11 @@ class Store:
         try:
             if not directory.exists():
                 directory.mkdir(mode=0o700, parents=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the state dir {directory} for the capability store "
+                             f"({error.strerror or error}): it must be a directory this user can create and write "
+                             "to") from error
+        try:
             problem = state_dir_problem(directory)
             if problem:
                 raise StoreError(f"capability store: {problem}")
@@ -110,22 +128,33 @@ class Store:
                 if path.exists() or path.is_symlink():
                     _check_private(path)
         except OSError as error:
-            raise StoreError(f"cannot open the capability store {self.path}: {error.strerror or error}") from error
+            raise StoreError(f"cannot open the capability store {self.path} for reading and writing "
+                             f"({error.strerror or error}): it must be a regular file this user can read and write, "
+                             f"in a state dir this user can create files in (SQLite adds -wal and -shm files "
+                             f"there)") from error
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None or getattr(self._local, "pid", None) != os.getpid():
             try:
-                connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                             check_same_thread=True)
+                connection = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                                             check_same_thread=True, factory=StoreConnection)
+            except sqlite3.Error as error:
+                raise store_error(error, self.path, self.busy_timeout_ms) from error
+            connection.store_path = self.path
+            connection.busy_timeout_ms = self.busy_timeout_ms
+            try:
                 connection.row_factory = sqlite3.Row
+                # Before switching to WAL, which rewrites the header of a file that may not be ours.
+                self._schema_version(connection)
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")  # a revocation must survive a power cut too
                 connection.execute("PRAGMA foreign_keys=ON")
-                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            except sqlite3.Error as error:
-                raise StoreError(f"cannot open the capability store {self.path}: {error}") from error
+                connection.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            except StoreError:
+                connection.close()
+                raise
             self._local.connection = connection
             self._local.pid = os.getpid()
         return connection
@@ -137,16 +166,27 @@ class Store:
         ``IMMEDIATE`` takes the write lock at once; ``EXCLUSIVE`` (migrations) keeps readers out as well.
         """
         connection = self.connection()
-        try:
-            connection.execute(f"BEGIN {lock}")
-        except sqlite3.Error as error:
-            raise StoreError(f"capability store {self.path} is busy or unwritable: {error}") from error
+        connection.execute(f"BEGIN {lock}")
         try:
             yield connection
         except BaseException:
-            connection.execute("ROLLBACK")
+            self._roll_back(connection)
             raise
-        connection.execute("COMMIT")
+        try:
+            connection.execute("COMMIT")
+        except StoreError:
+            # A failed COMMIT may leave the transaction open (busy): end it, so that nothing of it is written
+            # later by an unrelated COMMIT on this connection.
+            self._roll_back(connection)
+            raise
+
+    @staticmethod
+    def _roll_back(connection: sqlite3.Connection) -> None:
+        # SQLite has already rolled back after some errors (disk full, I/O error): a second ROLLBACK would fail
+        # and hide the error that matters.
+        if connection.in_transaction:
+            with contextlib.suppress(StoreError):
+                connection.execute("ROLLBACK")
 
     def read(self) -> sqlite3.Connection:
         """A connection for reads; each statement sees the last committed state."""
@@ -160,16 +200,134 @@ class Store:
 
     def _migrate(self) -> None:
         with self.write("EXCLUSIVE") as connection:
-            version = int(connection.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"capability store {self.path} has schema version {version}, newer than this code's "
-                    f"{SCHEMA_VERSION}: upgrade the capability package"
-                )
+            version = self._schema_version(connection)  # again: another process may have migrated meanwhile
             for number in range(version, SCHEMA_VERSION):
                 for statement in _statements(MIGRATIONS[number]):
                     connection.execute(statement)
-            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _schema_version(self, connection: sqlite3.Connection) -> int:
+        """The file's schema version, 0 for a new empty file; StoreError if the file is not a capability store."""
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:  # its tables may differ from ours: say what the operator must do
+            raise StoreError(
+                f"capability store {self.path} has schema version {version}, newer than this code's "
+                f"{SCHEMA_VERSION}: upgrade the capability package"
+            )
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and tables:
+            # Someone else's SQLite database: adding our tables to it would change a file that is not ours.
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a capability store (no schema version; it holds "
+                f"the tables {', '.join(sorted(tables))}): it was left unchanged; point --state-dir at the "
+                "right directory, or move the file aside to start an empty store"
+            )
+        missing = STORE_TABLES - tables
+        if version > 0 and missing:
+            raise StoreError(
+                f"{self.path} says it is a capability store (schema version {version}) but lacks the tables "
+                f"{', '.join(sorted(missing))}: it was left unchanged; restore it from a backup"
+            )
+        return version
+
+
+class StoreConnection(sqlite3.Connection):
+    """A connection whose statements raise StoreError, naming the file and what to do, instead of sqlite3.Error.
+
+    The store's callers (capabilities.py, servers.py) run SQL on it directly; translating here covers them all.
+    """
+
+    store_path: Path
+    busy_timeout_ms: int
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor(StoreCursor).execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self.cursor(StoreCursor).executemany(sql, parameters)
+
+
+class StoreCursor(sqlite3.Cursor):
+    """A cursor of a :class:`StoreConnection`. Fetches translate errors too: SQLite reads a damaged page only
+    when a fetch reaches it."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> StoreCursor:
+        with self._translated():
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> StoreCursor:
+        with self._translated():
+            return super().executemany(sql, seq_of_parameters)
+
+    def fetchone(self) -> Any:
+        with self._translated():
+            return super().fetchone()
+
+    def fetchmany(self, size: int | None = 1) -> list[Any]:
+        with self._translated():
+            return super().fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        with self._translated():
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with self._translated():
+            return super().__next__()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as error:
+            connection = self.connection
+            assert isinstance(connection, StoreConnection)
+            # Finalise the failed statement now: the traceback keeps this cursor alive, and while its statement
+            # lives, closing the connection leaves the file open (and its -wal and -shm files behind).
+            with contextlib.suppress(sqlite3.Error):
+                self.close()
+            raise store_error(error, connection.store_path, connection.busy_timeout_ms) from error
+
+
+def store_error(error: sqlite3.Error, path: Path, busy_timeout_ms: int) -> StoreError:
+    """What went wrong with the store file, in words an operator can act on (SQLite's own words included)."""
+    # Python 3.11 names the SQLite result code; 3.10 gives only the message.
+    code = str(getattr(error, "sqlite_errorname", ""))
+    message = str(error)
+    for prefix, phrase, explanation in _EXPLANATIONS:
+        if code.startswith(prefix) or phrase in message:
+            return StoreError(explanation.format(path=path, message=message, directory=path.parent,
+                                                 seconds=f"{busy_timeout_ms / 1000:g}"))
+    return StoreError(f"capability store {path}: {message}")
+
+
+_EXPLANATIONS: tuple[tuple[str, str, str], ...] = (
+    # (SQLite result code prefix, the words of its message, what to tell the operator)
+    ("SQLITE_BUSY", "database is locked",
+     "capability store {path} is locked by another process ({message}, still after {seconds} s): nothing was "
+     "written; retry when that process has finished (fuser {path} names it)"),
+    ("SQLITE_LOCKED", "database table is locked",
+     "capability store {path} is locked by another connection ({message}): nothing was written; retry"),
+    ("SQLITE_NOTADB", "file is not a database",
+     "capability store {path} is not an SQLite database ({message}): it was left as it is; restore it from a "
+     "backup, or move it aside and run python -m capability init to start an empty store"),
+    ("SQLITE_CORRUPT", "malformed",
+     "capability store {path} is damaged ({message}): it was left as it is; restore it from a backup, or move "
+     "it aside and run python -m capability init to start an empty store"),
+    ("SQLITE_READONLY", "readonly database",
+     "capability store {path} is read-only ({message}): nothing was written; this user must be able to write "
+     "the file and create files in {directory}"),
+    ("SQLITE_CANTOPEN", "unable to open database file",
+     "cannot open the capability store {path} ({message}): this user must be able to read and write it and "
+     "create files in {directory} (SQLite adds -wal and -shm files)"),
+    ("SQLITE_FULL", "database or disk is full",
+     "no space left for the capability store {path} ({message}): nothing was written; free some disk space "
+     "and retry"),
+    ("SQLITE_IOERR", "disk I/O error",
+     "the disk failed reading or writing the capability store {path} ({message}): check the disk; the last "
+     "write may not have been saved"),
+)
 
 
 def _check_private(path: Path) -> None:
