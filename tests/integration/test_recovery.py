@@ -146,12 +146,15 @@ def test_a_killed_server_comes_back_on_the_same_url_and_unseeded_callers_are_tol
     restarts = watched.watchdog.restarts
     assert watched.server.process is not None
     url, server_file = watched.server.url, Path(watched.server.options.state_dir) / "server.json"
+    key_file = Path(watched.server.options.state_dir) / "infer-key"
+    key = key_file.read_text()
     os.kill(watched.server.process.pid, signal.SIGKILL)
     with pytest.raises(TemporarilyUnavailableError, match="temporarily unavailable"):
         generate(watched.impatient, seed=None)
     assert watched.watchdog.wait_for_restarts(restarts + 1, RESTART_TIMEOUT_S)
     assert watched.server.url == url
     assert str(watched.server.process.pid) in server_file.read_text()
+    assert key_file.read_text() == key  # clients holding the key need not read it again
     assert generate(watched.impatient, seed=None).shape == (64, 64, 3)
     assert watched.held_leases() == 0
     assert any(fault.reason.startswith("tritonserver exited") for fault in watched.watchdog.faults)
