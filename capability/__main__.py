@@ -14,14 +14,14 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from triton_launcher.paths import STATE_DIR
 
 from .capabilities import Capabilities, Capability
-from .errors import CapabilityError, StoreError
-from .generation import TextToImage
-from .servers import ServerKeys
+from .errors import CapabilityError, GenerationCancelledError, StoreError
+from .generation import Generation, TextToImage
+from .servers import Progress, ServerKeys
 from .store import STORE_FILE, Store
 
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--model")
     generate.add_argument("--out", type=Path, metavar="FILE.png", help="write the PNG here")
+    generate.add_argument("--progress", action="store_true",
+                          help="show a progress bar on stderr (the model's streaming variant, over gRPC); "
+                               "Ctrl-C then cancels the generation on the server")
     register = commands.add_parser("register-server", parents=[common],
                                    help="store the inference key of a server not started in this state dir")
     register.add_argument("--url", required=True)
@@ -177,7 +180,10 @@ def _generate(arguments: argparse.Namespace, capabilities: Capabilities) -> Resu
         ("seed", arguments.seed), ("modelId", arguments.model)) if value is not None}
     generator = TextToImage(capabilities.store, arguments.state_dir)
     try:
-        result = generator.text_to_image(arguments.entity, arguments.cap, arguments.prompt, options)
+        if arguments.progress:
+            result = _generate_with_progress(generator, arguments, options)
+        else:
+            result = generator.text_to_image(arguments.entity, arguments.cap, arguments.prompt, options)
     finally:
         generator.close()
     line = f"{result['model']} {result['width']}x{result['height']} seed {result['seed']}"
@@ -185,6 +191,46 @@ def _generate(arguments: argparse.Namespace, capabilities: Capabilities) -> Resu
         arguments.out.write_bytes(base64.b64decode(result["image"]))
         line += f" -> {arguments.out}"
     return result, line
+
+
+def _generate_with_progress(generator: TextToImage, arguments: argparse.Namespace,
+                            options: dict[str, Any]) -> dict[str, Any]:
+    bar = ProgressBar(sys.stderr)
+    generation = Generation(lambda cancellation: generator.text_to_image(
+        arguments.entity, arguments.cap, arguments.prompt, options, on_progress=bar.show, cancellation=cancellation))
+    try:
+        return generation.result()
+    except KeyboardInterrupt:
+        bar.close("cancelling…")
+        generation.cancel()
+        return generation.result()  # raises GenerationCancelledError, or the image if it was done already
+    finally:
+        bar.close()
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn at every step: ``[#####     ] 5/10 steps  1.2 s``."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.drawn = False
+
+    def show(self, progress: Progress) -> None:
+        filled = self.WIDTH * progress.steps_done // max(progress.steps, 1)
+        self.stream.write(f"\r[{'#' * filled}{' ' * (self.WIDTH - filled)}] {progress.steps_done}/{progress.steps} "
+                          f"steps  {progress.elapsed_s:.1f} s")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self, then: str = "") -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+        if then:
+            self.stream.write(then + "\n")
+        self.stream.flush()
 
 
 COMMANDS = {
@@ -211,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         result, text = run(arguments)
+    except GenerationCancelledError as error:
+        print(f"cancelled: {error}", file=sys.stderr)
+        return 130  # as for any command stopped by Ctrl-C
     except CapabilityError as error:
         if arguments.json:
             print(json.dumps({"error": type(error).__name__, "message": str(error)}))

@@ -74,6 +74,10 @@ class ServerBusyError(ServerError):
     was generated; retry later (the server refuses at once rather than queueing without bound)."""
 
 
+class GenerationCancelledError(CapabilityError):
+    """The caller cancelled the generation (``Generation.cancel()``, Ctrl-C in the CLI): no image."""
+
+
 class ModelNotServedError(ServerError):
     """No Triton model on the server serves the requested model id."""
 

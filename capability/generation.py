@@ -22,9 +22,15 @@ from diffusers_backend.validation import MAX_SEED
 from triton_launcher import contract
 
 from .capabilities import LEASE_SECONDS, Capabilities, Grant
-from .errors import CapabilityError, DeniedError, InvalidOptionError, TemporarilyUnavailableError
+from .errors import (
+    CapabilityError,
+    DeniedError,
+    GenerationCancelledError,
+    InvalidOptionError,
+    TemporarilyUnavailableError,
+)
 from .png import encode_png_base64
-from .servers import ServerKeys, TritonGateway
+from .servers import Cancellation, Progress, ServerKeys, TritonGateway
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -229,8 +235,16 @@ class TextToImage:
             return gateway
 
     def text_to_image(self, entity: str, capability_id: str, prompt: str,
-                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Generate one image; the result is ``{image, width, height, format, seed, model}``."""
+                      options: Mapping[str, Any] | None = None, *,
+                      on_progress: Callable[[Progress], None] | None = None,
+                      cancellation: Cancellation | None = None) -> dict[str, Any]:
+        """Generate one image; the result is ``{image, width, height, format, seed, model}``.
+
+        With ``on_progress`` or ``cancellation`` it runs on the model's streaming variant, over gRPC:
+        ``on_progress`` hears of every denoising step, and ``cancellation.cancel()`` (from any thread) stops
+        the server's work after the current step and raises GenerationCancelledError here.
+        """
+        streaming = on_progress is not None or cancellation is not None
         grant = self.capabilities.authorize(entity, capability_id)  # records its own denials
         audit: dict[str, Any] = {"entity": entity, "capability_id": capability_id, "action": "generate",
                                  "model": None, "width": None, "height": None, "steps": None}
@@ -244,7 +258,7 @@ class TextToImage:
                 gateway = self.gateway(grant.params.server_url)
                 # A seed makes the request idempotent: while the server restarts, it is worth waiting for.
                 retry = checked.seed is not None
-                triton_model = self._when_available(lambda: gateway.resolve(model_id), retry)
+                triton_model = self._when_available(lambda: gateway.resolve(model_id, streaming), retry)
                 request = contract.TextToImage(
                     checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
                     height=checked.height, num_inference_steps=checked.steps,
@@ -253,12 +267,17 @@ class TextToImage:
                 # Re-checks the grant and takes a slot in one transaction, just before the server call.
                 lease = self.capabilities.acquire_slot(entity, capability_id)
                 self.renewer.add(lease, entity, capability_id)
-                generated = self._when_available(lambda: gateway.generate(triton_model, request), retry)
+                if streaming:
+                    generated = self._when_available(lambda: gateway.generate_streaming(
+                        triton_model, request, on_progress, cancellation), retry)
+                else:
+                    generated = self._when_available(lambda: gateway.generate(triton_model, request), retry)
                 height, width, _ = generated.image.shape
                 result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
                           "format": "png", "seed": generated.seed, "model": model_id}
             except CapabilityError as error:
-                outcome = "denied" if isinstance(error, (DeniedError, InvalidOptionError)) else "failed"
+                outcome = ("denied" if isinstance(error, (DeniedError, InvalidOptionError))
+                           else "cancelled" if isinstance(error, GenerationCancelledError) else "failed")
                 self._finish(lease, {**audit, "outcome": outcome, "detail": str(error)})
                 lease = None
                 raise
@@ -300,3 +319,42 @@ class TextToImage:
         else:
             self.renewer.discard(lease)
             self.capabilities.release_slot(lease, record)
+
+
+class Generation:
+    """A streaming generation running in a thread of its own: :meth:`result` waits for it, :meth:`cancel` stops
+    it (the server stops after the denoising step it is at; ``result()`` then raises GenerationCancelledError).
+
+    ``run(cancellation)`` is the generation itself, e.g. a ``TextToImage.text_to_image`` call.
+    """
+
+    def __init__(self, run: Callable[[Cancellation], dict[str, Any]]) -> None:
+        self._cancellation = Cancellation()
+        self._outcome: dict[str, Any] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(run,), name="text-to-image", daemon=True)
+        self._thread.start()
+
+    def _run(self, run: Callable[[Cancellation], dict[str, Any]]) -> None:
+        try:
+            self._outcome = run(self._cancellation)
+        except BaseException as error:  # handed to whoever calls result()
+            self._outcome = error
+
+    def cancel(self) -> None:
+        self._cancellation.cancel()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The result (as ``text_to_image``'s), or the error the generation ended with; waits ``timeout_s`` at
+        most (None: for as long as it runs), in slices, so that Ctrl-C reaches a waiting main thread."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the generation is still running after {timeout_s} s")
+            self._thread.join(0.1)
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome

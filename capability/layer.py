@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ from typing import Any
 from triton_launcher.paths import STATE_DIR
 
 from .capabilities import Capabilities, Capability
-from .generation import RETRY_UNAVAILABLE_S, TextToImage
+from .generation import RETRY_UNAVAILABLE_S, Generation, TextToImage
+from .servers import Progress
 from .store import STORE_FILE, Store
 
 
@@ -63,8 +64,18 @@ class CapabilityHandle:
     entity: str
     id: str
 
-    def text_to_image(self, prompt: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return self.layer.generator.text_to_image(self.entity, self.id, prompt, options)
+    def text_to_image(self, prompt: str, options: Mapping[str, Any] | None = None,
+                      on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+        """Generate one image; ``on_progress`` (on the model's streaming variant) hears of every step."""
+        return self.layer.generator.text_to_image(self.entity, self.id, prompt, options, on_progress=on_progress)
+
+    def start_text_to_image(self, prompt: str, options: Mapping[str, Any] | None = None,
+                            on_progress: Callable[[Progress], None] | None = None) -> Generation:
+        """Start a generation on the model's streaming variant in the background; ``cancel()`` it, or wait
+        for its ``result()``."""
+        generator = self.layer.generator
+        return Generation(lambda cancellation: generator.text_to_image(
+            self.entity, self.id, prompt, options, on_progress=on_progress, cancellation=cancellation))
 
     def delegate(self, restrictions: Mapping[str, Any]) -> CapabilityHandle:
         return self.layer._handle(self.layer.capabilities.delegate(self.entity, self.id, restrictions))
@@ -78,3 +89,4 @@ class CapabilityHandle:
 
     def show(self) -> Capability:
         return self.layer.capabilities.show(self.entity, self.id)
+

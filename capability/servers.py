@@ -11,19 +11,22 @@ import http.client
 import json
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from triton_launcher import contract
+from triton_launcher import contract, grpc_wire
 from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher.server import state_dir_problem
 
 from .capabilities import canonical_server_url
 from .errors import (
+    GenerationCancelledError,
     GenerationError,
     ModelNotServedError,
     ServerBusyError,
+    ServerError,
     ServerUnavailableError,
     TemporarilyUnavailableError,
     UnknownServerError,
@@ -73,7 +76,19 @@ class ServerKeys:
                        (url, key.strip(), time.time()))
         return url
 
-    def _local_key(self, url: str) -> str | None:
+    def grpc_address(self, server_url: str) -> str:
+        """``host:port`` of the gRPC endpoint of the server at ``server_url``: streaming needs it."""
+        url = canonical_server_url(server_url)
+        description = self._local_description(url)
+        address = None if description is None else description.get("grpc_address")
+        if not isinstance(address, str) or not address:
+            raise UnknownServerError(
+                f"the gRPC address of {url} is not known: progress and cancellation need it, and only a server "
+                f"started by scripts/serve{f' in {self.state_dir}' if self.state_dir else ''} publishes it"
+            )
+        return address
+
+    def _local_description(self, url: str) -> dict[str, Any] | None:
         if self.state_dir is None or not self.state_dir.is_dir():
             return None
         problem = state_dir_problem(self.state_dir)
@@ -81,10 +96,19 @@ class ServerKeys:
             raise UnknownServerError(problem)
         try:
             description = json.loads((self.state_dir / SERVER_FILE).read_text(encoding="utf-8"))
-            if canonical_server_url(str(description.get("url", ""))) != url:
-                return None
-            return (self.state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip() or None
         except (OSError, ValueError):
+            return None
+        if not isinstance(description, dict) or canonical_server_url(str(description.get("url", ""))) != url:
+            return None
+        return description
+
+    def _local_key(self, url: str) -> str | None:
+        if self._local_description(url) is None:
+            return None
+        assert self.state_dir is not None
+        try:
+            return (self.state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip() or None
+        except OSError:
             return None
 
 
@@ -93,6 +117,8 @@ class ServedModels:
     by_model_id: dict[str, str]
     """model_id parameter → Triton model name."""
     fetched_at: float
+    streaming_by_model_id: dict[str, str] = field(default_factory=dict)
+    """model_id parameter → the Triton model of its streaming (decoupled) variant."""
 
 
 class TritonGateway:
@@ -113,40 +139,102 @@ class TritonGateway:
         for client in clients:
             client.close()
 
-    def resolve(self, model_id: str) -> str:
-        """The Triton model that serves ``model_id`` (its config parameter), refreshed when unknown."""
+    def resolve(self, model_id: str, streaming: bool = False) -> str:
+        """The Triton model that serves ``model_id`` (its config parameter), refreshed when unknown;
+        ``streaming``: its streaming variant, which reports progress and can be cancelled."""
         models = self._models
         age = None if models is None else time.monotonic() - models.fetched_at
+
+        def served(models: ServedModels) -> dict[str, str]:
+            return models.streaming_by_model_id if streaming else models.by_model_id
+
         # Refetch when stale, or for an unknown id if the map is not brand new (a model may have just been
         # added), but not on every request naming a model that does not exist.
         if models is None or age is None or age > MODEL_MAP_TTL_S or (
-                model_id not in models.by_model_id and age > UNKNOWN_MODEL_REFETCH_S):
+                model_id not in served(models) and age > UNKNOWN_MODEL_REFETCH_S):
             models = self._models = self._fetch_models()
-        try:
-            return models.by_model_id[model_id]
-        except KeyError:
+        if model_id in served(models):
+            return served(models)[model_id]
+        if streaming and model_id in models.by_model_id:
             raise ModelNotServedError(
-                f"model {model_id!r} is not served at {self.url}; it serves {sorted(models.by_model_id)}"
-            ) from None
+                f"model {model_id!r} has no streaming variant at {self.url}, so no progress or cancellation: serve "
+                f"one beside it (a copy of its folder as {models.by_model_id[model_id]}-stream with "
+                "model_transaction_policy {{ decoupled: true }}: scripts/add_model --streaming writes it); "
+                f"streaming ones: {sorted(models.streaming_by_model_id)}")
+        raise ModelNotServedError(
+            f"model {model_id!r} is not served at {self.url}; it serves {sorted(models.by_model_id)}"
+        )
 
     def generate(self, triton_model: str, request: contract.TextToImage) -> contract.GeneratedImage:
         result = self._call(lambda client, headers: client.infer(
             triton_model, request.http_inputs(), outputs=contract.http_outputs(), headers=headers))
         return contract.read_result(result)
 
+    def generate_streaming(self, triton_model: str, request: contract.TextToImage,
+                           on_progress: Callable[[Progress], None] | None,
+                           cancellation: Cancellation | None) -> contract.GeneratedImage:
+        """Generate on a streaming variant over gRPC: ``on_progress`` hears of every denoising step, and
+        ``cancellation.cancel()`` cancels the call, which stops the server's work after the current step."""
+        import grpc
+
+        message = grpc_wire.infer_request(triton_model, request.arrays())
+        for attempt in (1, 2):
+            headers = {INFER_KEY_HEADER: self.keys.key_for(self.url)}
+            last: Progress | None = None
+            try:
+                with grpc_wire.channel(self.keys.grpc_address(self.url)) as channel:
+                    call = grpc_wire.stream_infer(channel, message, headers, CLIENT_TIMEOUT_S)
+                    if cancellation is not None:
+                        cancellation.bind(call)
+                    for raw in call:
+                        response = grpc_wire.stream_response(raw)
+                        if response.error:
+                            raise self._stream_error(response.error)
+                        if contract.IMAGE in response.outputs:
+                            call.cancel()  # the image is the last response: end the stream now
+                            return contract.GeneratedImage(
+                                image=response.outputs[contract.IMAGE][0],
+                                seed=int(response.outputs[contract.SEED].reshape(-1)[0]))
+                        last = Progress.of(response.outputs)
+                        if on_progress is not None:
+                            on_progress(last)
+                raise GenerationError(f"{self.url} ended the stream without an image")
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details() or str(error.code())
+                if cancellation is not None and cancellation.cancelled:
+                    where = "" if last is None else f" at step {last.steps_done} of {last.steps}"
+                    raise GenerationCancelledError(
+                        f"cancelled by the caller{where}; the server stops after the step it is at") from None
+                if "protocol is restricted" in details and attempt == 1:
+                    continue  # the local server restarted with a new key: read it again, once
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise TemporarilyUnavailableError(_unavailable(self.url, details)) from None
+                raise GenerationError(f"the server failed the request ({code.name}): {details}") from None
+        raise AssertionError("unreachable")
+
+    def _stream_error(self, message: str) -> ServerError:
+        if (reason := _queue_refusal(message)) is not None:
+            return ServerBusyError(f"{self.url} is busy: {reason}; retry later")
+        if _STUB_DIED in message:
+            return TemporarilyUnavailableError(_unavailable(self.url, message))
+        return GenerationError(f"the server refused the request: {_as_options(_without_request_id(message))}")
+
     def _fetch_models(self) -> ServedModels:
-        def fetch(client: Any, headers: dict[str, str]) -> dict[str, str]:
-            served = {}
+        def fetch(client: Any, headers: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+            served: dict[str, str] = {}
+            streaming: dict[str, str] = {}
             for entry in client.get_model_repository_index(headers=headers):
                 if entry.get("state") != "READY":
                     continue
                 config = client.get_model_config(entry["name"], headers=headers)
                 model_id = config.get("parameters", {}).get("model_id", {}).get("string_value")
+                decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
                 if model_id:
-                    served[model_id] = entry["name"]
-            return served
+                    (streaming if decoupled else served)[model_id] = entry["name"]
+            return served, streaming
 
-        return ServedModels(by_model_id=self._call(fetch), fetched_at=time.monotonic())
+        served, streaming = self._call(fetch)
+        return ServedModels(by_model_id=served, fetched_at=time.monotonic(), streaming_by_model_id=streaming)
 
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
@@ -221,6 +309,52 @@ def _queue_refusal(message: str) -> str | None:
     if _QUEUE_TIMEOUT in message:
         return "the request waited in the model's queue past its timeout (default_timeout_microseconds)"
     return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a streaming generation is: ``steps_done`` of ``steps`` denoising steps, ``elapsed_s`` seconds in."""
+
+    steps_done: int
+    steps: int
+    elapsed_s: float
+
+    @classmethod
+    def of(cls, outputs: dict[str, Any]) -> Progress:
+        return cls(steps_done=int(outputs[contract.STEPS_DONE].reshape(-1)[0]),
+                   steps=int(outputs[contract.STEPS].reshape(-1)[0]),
+                   elapsed_s=float(outputs[contract.ELAPSED_S].reshape(-1)[0]))
+
+
+class Cancellation:
+    """Cancels a streaming generation from any thread: before it starts, or while it runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def bind(self, call: Any) -> None:
+        """The gRPC call that a :meth:`cancel` must cancel (one already requested cancels it at once)."""
+        with self._lock:
+            self._call = call
+            cancelled = self.cancelled
+        if cancelled:
+            call.cancel()
+
+
+def _without_request_id(message: str) -> str:
+    # Triton prefixes errors of streamed requests with "[request id: <id>] ".
+    if message.startswith("[request id:"):
+        return message.split("] ", 1)[-1]
+    return message
 
 
 def _as_options(message: str) -> str:

@@ -28,14 +28,14 @@ class DiffusionEngine:
         self.max_sequence_length = settings.max_sequence_length or traits.max_sequence_length
         self.core_sharing = core_sharing
 
-    def generate(self, group: Sequence[GenerationRequest],
-                 stop_requested: Callable[[], bool] | None = None) -> list[np.ndarray | InvalidRequestError]:
+    def generate(self, group: Sequence[GenerationRequest], stop_requested: Callable[[], bool] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray | InvalidRequestError]:
         """Images (uint8, [H, W, 3]) for requests that share size, steps, guidance and negative-prompt use.
 
         An image the pipeline's own safety checker flagged (SD1.5 weights ship one; it blacks the image out)
-        comes back as an error for that request instead of a black picture. ``stop_requested`` is asked after
-        every denoising step; when it says yes (every caller of the group went away), the call stops there and
-        raises RequestCancelledError.
+        comes back as an error for that request instead of a black picture. After every denoising step,
+        ``on_step(steps_done, steps)`` hears of it, then ``stop_requested`` is asked; when it says yes (every
+        caller of the group went away), the call stops there and raises RequestCancelledError.
         """
         first = group[0]
         if any(request.group_key != first.group_key for request in group):
@@ -59,15 +59,16 @@ class DiffusionEngine:
             arguments["max_sequence_length"] = self.max_sequence_length
         if family is FLUX and first.negative_prompt is not None:
             arguments["true_cfg_scale"] = self.settings.true_cfg_scale
-        if self.core_sharing is not None or stop_requested is not None:
-            arguments["callback_on_step_end"] = partial(self._after_step, stop_requested=stop_requested)
+        if self.core_sharing is not None or stop_requested is not None or on_step is not None:
+            arguments["callback_on_step_end"] = partial(self._after_step, steps=first.steps,
+                                                        stop_requested=stop_requested, on_step=on_step)
         try:
             with torch.inference_mode(), self._sharing_cores():
                 output = self.pipeline(**arguments)
                 images = to_uint8_images(output.images)  # still holding this instance's cores
         except _StopGenerating as stop:
             raise RequestCancelledError(
-                f"cancelled by the caller after step {stop.steps_done} of {first.steps}") from None
+                f"cancelled by the caller after step {stop.steps_done} of {stop.steps}") from None
         except torch.cuda.OutOfMemoryError as error:
             raise GenerationError(
                 f"out of GPU memory generating {len(group)} image(s) of {first.width}x{first.height}; "
@@ -85,22 +86,28 @@ class DiffusionEngine:
     def _sharing_cores(self) -> Any:
         return self.core_sharing.generating() if self.core_sharing is not None else nullcontext()
 
-    def _after_step(self, _pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any], *,
-                    stop_requested: Callable[[], bool] | None) -> dict[str, Any]:
+    def _after_step(self, pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any], *, steps: int,
+                    stop_requested: Callable[[], bool] | None,
+                    on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
         # diffusers' callback_on_step_end: runs after each denoising step and must hand the tensors back.
+        # Steps are the scheduler's: SD1.5's default PNDM makes one more denoiser pass than it was asked for.
+        total = getattr(pipeline, "num_timesteps", None) or steps
+        if on_step is not None:
+            on_step(step + 1, total)
         # Raising is the only way out of the denoising loop: the pipeline's `interrupt` flag would skip the
         # remaining steps but still decode the latents, the VAE's share of the work.
         if stop_requested is not None and stop_requested():
-            raise _StopGenerating(step + 1)
+            raise _StopGenerating(step + 1, total)
         if self.core_sharing is not None:
             self.core_sharing.rebalance()
         return tensors
 
 
 class _StopGenerating(Exception):  # noqa: N818 - a signal through the pipeline's loop, not an error
-    def __init__(self, steps_done: int) -> None:
-        super().__init__(steps_done)
+    def __init__(self, steps_done: int, steps: int) -> None:
+        super().__init__(steps_done, steps)
         self.steps_done = steps_done
+        self.steps = steps
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:

@@ -40,8 +40,16 @@ Outcome = GeneratedImage | DiffusersBackendError
 
 
 class ImageGenerator(Protocol):
-    def generate(self, group: Sequence[GenerationRequest],
-                 stop_requested: Callable[[], bool] | None = None) -> list[np.ndarray | InvalidRequestError]: ...
+    def generate(self, group: Sequence[GenerationRequest], stop_requested: Callable[[], bool] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray | InvalidRequestError]: ...
+
+
+class Caller(Protocol):
+    """Whoever waits for one request: whether they have gone away, and where its progress goes."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def progress(self, steps_done: int, steps: int, elapsed_s: float) -> None: ...
 
 
 class DiffusersService:
@@ -80,12 +88,13 @@ class DiffusersService:
         logger.info("%s: warm-up generation took %.3f s", self.model_id, time.perf_counter() - started)
 
     def execute(self, batch: Sequence[Mapping[str, np.ndarray]],
-                cancelled: Sequence[Callable[[], bool]] | None = None) -> list[Outcome]:
+                callers: Sequence[Caller] | None = None) -> list[Outcome]:
         """One outcome per request of ``batch`` (input name → array), in order.
 
-        ``cancelled[i]()`` says whether request i's caller has gone away. A request cancelled before its
-        group starts is not generated; a group stops after the denoising step at which all of its callers
-        are gone (while one is left, the others' images cost nothing extra: they share the batch).
+        ``callers[i]`` waits for request i: it hears of every denoising step, and says whether it has gone
+        away. A request cancelled before its group starts is not generated; a group stops after the step at
+        which all of its callers are gone (while one is left, the others' images cost nothing extra: they
+        share the batch).
         """
         started = time.perf_counter()
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -103,18 +112,20 @@ class DiffusersService:
         calls = 0
         for whole_group in groups:
             group = whole_group
-            if cancelled is not None:
-                group = [index for index in whole_group if not cancelled[positions[index]]()]
+            stop_requested = on_step = None
+            if callers is not None:
+                group = [index for index in whole_group if not callers[positions[index]].is_cancelled()]
                 for index in set(whole_group) - set(group):
                     outcomes[positions[index]] = RequestCancelledError("cancelled by the caller before it started")
                 if not group:
                     continue
+                waiting = [callers[positions[index]] for index in group]
+                stop_requested = partial(_all_cancelled, waiting)
+                on_step = partial(_report_step, waiting, time.perf_counter())
             requests = [parsed[index] for index in group]
-            stop_requested = None if cancelled is None else partial(
-                _all_cancelled, [cancelled[positions[index]] for index in group])
             calls += 1
             try:
-                images = self.generator.generate(requests, stop_requested)
+                images = self.generator.generate(requests, stop_requested, on_step)
             except RequestCancelledError as error:
                 logger.info("%s: %d request(s) %s", self.model_id, len(group), error)
                 results: list[Outcome] = [error] * len(group)
@@ -141,5 +152,11 @@ class DiffusersService:
         return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _all_cancelled(checks: Sequence[Callable[[], bool]]) -> bool:
-    return all(check() for check in checks)
+def _all_cancelled(callers: Sequence[Caller]) -> bool:
+    return all(caller.is_cancelled() for caller in callers)
+
+
+def _report_step(callers: Sequence[Caller], started: float, steps_done: int, steps: int) -> None:
+    elapsed = time.perf_counter() - started
+    for caller in callers:
+        caller.progress(steps_done, steps, elapsed)

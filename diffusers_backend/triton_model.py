@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from .cpu_sharing import CoreSharing, available_cores
-from .errors import DiffusersBackendError, InvalidRequestError, RequestCancelledError
+from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, RequestCancelledError
 from .loading import Placement
 from .service import DiffusersService, GeneratedImage, Outcome
 from .settings import ModelSettings
+
+# The streaming variant's progress outputs (triton_launcher/contract.py names them for clients).
+STEPS_DONE, STEPS, ELAPSED_S = "STEPS_DONE", "STEPS", "ELAPSED_S"
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class DiffusersTritonModel:
         model_name = args["model_name"]
         config = json.loads(args["model_config"])
         self.input_names = [spec["name"] for spec in config["input"]]
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         placement = Placement(args["model_instance_kind"], int(args["model_instance_device_id"]))
         self.core_sharing: CoreSharing | None = None
         try:
@@ -52,11 +56,22 @@ class DiffusersTritonModel:
             raise RuntimeError(f"Triton model {model_name!r} failed to load: {error}") from error
         logger.info("%s ready as %r on %s", model_name, settings.model_id, placement.torch_device)
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         batch = [self._input_arrays(request) for request in requests]
-        # Triton marks a request cancelled when its gRPC caller cancels the call (HTTP has no such signal).
-        cancelled = [request.is_cancelled for request in requests]
-        return [self._response(outcome) for outcome in self.service.execute(batch, cancelled)]
+        if not self.decoupled:
+            callers = [TritonCaller(request) for request in requests]
+            return [self._response(outcome) for outcome in self.service.execute(batch, callers)]
+        # Decoupled (streaming): a progress response after every denoising step, then the final one; each
+        # request must get its final response whatever happens, or its caller waits forever.
+        callers = [TritonCaller(request, request.get_response_sender(), self.pb_utils) for request in requests]
+        try:
+            outcomes: list[Outcome] = self.service.execute(batch, callers)
+        except Exception as error:
+            logger.exception("%s: execute failed", self.service.model_id)
+            outcomes = [GenerationError(f"the model failed: {type(error).__name__}: {error}")] * len(requests)
+        for caller, outcome in zip(callers, outcomes, strict=True):
+            caller.finish(self._response(outcome))
+        return None
 
     def finalize(self) -> None:
         logger.info("%s unloading", self.service.model_id)
@@ -86,6 +101,33 @@ class DiffusersTritonModel:
         else:
             code = pb_utils.TritonError.INTERNAL
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome), code))
+
+
+class TritonCaller:
+    """The caller of one Triton request, as the service sees it (:class:`.service.Caller`)."""
+
+    def __init__(self, request: Any, sender: Any = None, pb_utils: Any = None) -> None:
+        self.request = request
+        self.sender = sender
+        """The response sender of a decoupled model's request; None for a model that answers once."""
+        self.pb_utils = pb_utils
+
+    def is_cancelled(self) -> bool:
+        # Triton marks a request cancelled when its gRPC caller cancels the call (HTTP has no such signal).
+        return bool(self.request.is_cancelled())
+
+    def progress(self, steps_done: int, steps: int, elapsed_s: float) -> None:
+        if self.sender is None:
+            return
+        pb_utils = self.pb_utils
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(STEPS_DONE, np.array([[steps_done]], dtype=np.int32)),
+            pb_utils.Tensor(STEPS, np.array([[steps]], dtype=np.int32)),
+            pb_utils.Tensor(ELAPSED_S, np.array([[elapsed_s]], dtype=np.float32)),
+        ]))
+
+    def finish(self, response: Any) -> None:
+        self.sender.send(response, flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _core_sharing(model_name: str, placement: Placement, settings: ModelSettings) -> CoreSharing | None:

@@ -21,6 +21,11 @@ SEED = "SEED"
 IMAGE = "IMAGE"
 
 OUTPUT_NAMES = (IMAGE, SEED)
+# A streaming (decoupled) variant sends one response of these after every denoising step, then the image.
+STEPS_DONE = "STEPS_DONE"
+STEPS = "STEPS"
+ELAPSED_S = "ELAPSED_S"
+PROGRESS_NAMES = (STEPS_DONE, STEPS, ELAPSED_S)
 
 
 @dataclass(frozen=True)

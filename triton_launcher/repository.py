@@ -22,6 +22,8 @@ FAMILY_MODELS = tuple(family.name for family in FAMILIES)
 TINY_CPU_INSTANCES = 2
 """Instances of each tiny model. On the CPU two instances that share the cores (cpu_sharing.py) give 1.1 to 1.4x
 the throughput of one under load; see README.md, "Batching and instances"."""
+TINY_STREAMING = ("sd15",)
+"""Families whose tiny model also has a streaming variant: one is enough to exercise the code all share."""
 SPARE_INSTANCE_PRIORITY = 1000
 """Rate-limiter priority of every CPU instance but the first (which has 1). Triton, run with
 ``--rate-limit=execution_count``, hands a request to the free instance with the lowest executions x priority:
@@ -87,6 +89,39 @@ def tiny_config(real_config: str, real_name: str, pipeline_folder: Path, model_d
     return header + with_parameters(text, {"model_id": name, "model_source": source, "variant": None})
 
 
+STREAM_SUFFIX = "-stream"
+"""Name suffix of a model's streaming variant (see :func:`streaming_config`)."""
+_PROGRESS_OUTPUTS = (
+    '  { name: "STEPS_DONE" data_type: TYPE_INT32 dims: [ 1 ] }',
+    '  { name: "STEPS" data_type: TYPE_INT32 dims: [ 1 ] }',
+    '  { name: "ELAPSED_S" data_type: TYPE_FP32 dims: [ 1 ] }',
+)
+
+
+def streaming_config(config_text: str) -> str:
+    """The config of a model's streaming variant: the same model and parameters, named ``<name>-stream``,
+    decoupled, with the progress outputs that it sends after every denoising step before the image.
+
+    It is a second Triton model, with its own copy of the pipeline in memory: Triton serves a decoupled model
+    over gRPC streams only, while the plain one serves HTTP, perf_analyzer and every non-streaming client.
+    """
+    name_match = re.search(r'^name: "([^"]+)"$', config_text, flags=re.MULTILINE)
+    if name_match is None:
+        raise ValueError("config.pbtxt has no name line")
+    name = name_match[1]
+    lines = config_text.replace(f'name: "{name}"', f'name: "{name}{STREAM_SUFFIX}"', 1).splitlines()
+    opening = lines.index("output [")
+    closing = next(index for index in range(opening, len(lines)) if lines[index] == "]")
+    lines[closing - 1] = lines[closing - 1].rstrip().rstrip(",") + ","
+    lines[closing:closing] = [line + "," for line in _PROGRESS_OUTPUTS[:-1]] + [_PROGRESS_OUTPUTS[-1]]
+    batching = next(index for index, line in enumerate(lines) if line.startswith("max_batch_size:"))
+    lines[batching + 1:batching + 1] = [
+        "# Streaming: one response per denoising step (STEPS_DONE, STEPS, ELAPSED_S), then the image.",
+        "model_transaction_policy { decoupled: true }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_if_changed(path: Path, content: bytes) -> None:
     if path.is_file() and path.read_bytes() == content:
         return
@@ -101,8 +136,13 @@ def build_tiny_repository(
     pipelines: Path = TINY_PIPELINES,
     families: Iterable[str] = FAMILY_MODELS,
     real_repository: Path = MODEL_REPOSITORY,
+    streaming: Iterable[str] = TINY_STREAMING,
 ) -> Path:
-    """Build (or reuse) the tiny pipelines and write the repository that serves them; return its path."""
+    """Build (or reuse) the tiny pipelines and write the repository that serves them; return its path.
+
+    ``streaming``: the families (among ``families``) that also get a streaming variant, ``tiny-<name>-stream``.
+    """
+    streaming = tuple(streaming)
     from diffusers_backend.tiny import build_tiny_models  # torch: imported only when tiny models are wanted
 
     families = tuple(families)
@@ -111,7 +151,14 @@ def build_tiny_repository(
         model_directory = repository / (TINY_PREFIX + family)
         real_config = (real_repository / family / "config.pbtxt").read_text(encoding="utf-8")
         config = tiny_config(real_config, family, folders[family], model_directory)
+        model_py = (real_repository / family / "1" / "model.py").read_bytes()
         write_if_changed(model_directory / "config.pbtxt", config.encode("utf-8"))
-        write_if_changed(model_directory / "1" / "model.py",
-                         (real_repository / family / "1" / "model.py").read_bytes())
+        write_if_changed(model_directory / "1" / "model.py", model_py)
+        if family in streaming:
+            # One instance: the variant serves the few callers that watch progress.
+            stream_directory = repository / (TINY_PREFIX + family + STREAM_SUFFIX)
+            stream_config = with_cpu_instances(streaming_config(tiny_config(
+                real_config, family, folders[family], stream_directory)), 1)
+            write_if_changed(stream_directory / "config.pbtxt", stream_config.encode("utf-8"))
+            write_if_changed(stream_directory / "1" / "model.py", model_py)
     return repository

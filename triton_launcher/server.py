@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from . import contract
+from . import contract, grpc_wire
 from .errors import ServerStartError
 from .installation import TritonInstallation, find_installation
 from .paths import INFER_KEY_FILE, INFER_KEY_HEADER, LOG_FILE, SERVER_FILE, STATE_DIR, STATE_LOCK_FILE
@@ -201,6 +201,8 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.infer_key = ""
         self.models: list[str] = []
+        self.streaming_models: set[str] = set()
+        """The decoupled models among :attr:`models`: they answer on gRPC streams, with progress."""
         self._log_handle: IO[bytes] | None = None
         self._state_lock: IO[bytes] | None = None
 
@@ -308,6 +310,7 @@ class TritonServer:
         self.models = self._ready_models()
         if not self.models:
             raise ServerStartError(self._with_log(f"no model in {self.options.model_repository} is ready"))
+        self.streaming_models = {model for model in self.models if self._is_decoupled(model)}
         # A ready model can still be broken (a dead stub answers readiness: Triton issue 8604): only a real
         # inference on each model proves it serves.
         for model in self.models:
@@ -319,15 +322,31 @@ class TritonServer:
         request = contract.TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE,
                                        num_inference_steps=1, seed=0)
         try:
-            with self.http_client(timeout_s=timeout_s) as client:
-                result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                      headers=self.headers)
-            image = contract.read_result(result).image
+            if model in self.streaming_models:  # Triton serves a decoupled model over gRPC streams only
+                image = self._stream_probe(model, request, timeout_s)
+            else:
+                with self.http_client(timeout_s=timeout_s) as client:
+                    result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                          headers=self.headers)
+                image = contract.read_result(result).image
         except Exception as error:
             self._check_alive()
             raise ServerStartError(self._with_log(f"probe inference on {model!r} failed: {error}")) from error
         if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
             raise ServerStartError(f"probe inference on {model!r} returned an image of shape {image.shape}")
+
+    def _stream_probe(self, model: str, request: contract.TextToImage, timeout_s: float) -> Any:
+        with grpc_wire.channel(f"{LOOPBACK}:{server_ports(self.options)['grpc']}") as channel:
+            call = grpc_wire.stream_infer(channel, grpc_wire.infer_request(model, request.arrays()), self.headers,
+                                          timeout_s)
+            for message in call:
+                response = grpc_wire.stream_response(message)
+                if response.error:
+                    raise RuntimeError(response.error)
+                if contract.IMAGE in response.outputs:
+                    call.cancel()  # the image is the last response: end the stream now
+                    return response.outputs[contract.IMAGE][0]
+        raise RuntimeError("the stream ended without an image")
 
     def http_client(self, timeout_s: float = 600.0, concurrency: int = 1) -> Any:
         """A ``tritonclient.http.InferenceServerClient`` for this server; pass :attr:`headers` to ``infer``."""
@@ -386,10 +405,19 @@ class TritonServer:
             index = json.load(response)
         return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
 
+    def _is_decoupled(self, model: str) -> bool:
+        request = urllib.request.Request(self.url + f"/v2/models/{model}/config",  # noqa: S310 - our loopback URL
+                                         headers=self.headers)
+        with _DIRECT.open(request, timeout=10) as response:
+            config = json.load(response)
+        return bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+
     def _write_server_file(self) -> None:
         assert self.process is not None
         description = {
             "url": self.url,
+            "grpc_address": f"{LOOPBACK}:{server_ports(self.options)['grpc']}",
+            "streaming_models": sorted(self.streaming_models),
             "pid": self.process.pid,
             "models": self.models,
             "model_repository": str(self.options.model_repository),

@@ -116,20 +116,22 @@ def test_killed_stubs_leave_the_model_ready_but_failing_until_the_watchdog_resta
     assert watched.outcomes()[-3:] == ["ok", "failed", "ok"]
 
 
-def test_a_stub_killed_during_a_seeded_generation_costs_the_caller_a_retry_not_an_error(
-    watched: Watched, caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("victim", ["stub", "server"])
+def test_a_crash_during_a_seeded_generation_costs_the_caller_a_retry_not_an_error(
+    watched: Watched, caplog: pytest.LogCaptureFixture, victim: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="capability.generation")
-    side, steps = 384, 50  # long enough (a second or more) to be killed in the middle
-    reference = generate(watched.patient, seed=11, side=side, steps=steps)
+    side, steps, seed = 384, 50, 11  # long enough (a second or more) to be killed in the middle
+    reference = generate(watched.patient, seed=seed, side=side, steps=steps)
     restarts = watched.watchdog.restarts
     before = {stub.pid: sum(stub.cpu_times()[:2]) for stub in watched.stubs()}
     results: list[np.ndarray] = []
-    caller = threading.Thread(target=lambda: results.append(generate(watched.patient, 11, side=side, steps=steps)))
+    caller = threading.Thread(target=lambda: results.append(generate(watched.patient, seed, side=side, steps=steps)))
     caller.start()
     # The generation is under way once one stub has burnt CPU well beyond what an idle one does.
     busy = _wait_for_busy_stub(watched, before)
-    busy.send_signal(signal.SIGKILL)
+    assert watched.server.process is not None
+    (busy if victim == "stub" else psutil.Process(watched.server.process.pid)).send_signal(signal.SIGKILL)
     caller.join(RESTART_TIMEOUT_S)
     assert not caller.is_alive()
     assert len(results) == 1

@@ -180,9 +180,15 @@ def test_engine_stops_after_the_step_at_which_the_callers_left_and_serves_on(tin
         questions.append(len(questions))
         return len(questions) >= 3
 
-    with pytest.raises(RequestCancelledError, match="cancelled by the caller after step 3 of 8"):
-        engine.generate([request], gone_at_third_question)
+    steps_seen: list[tuple[int, int]] = []
+    with pytest.raises(RequestCancelledError) as cancelled:
+        engine.generate([request], gone_at_third_question, lambda done, steps: steps_seen.append((done, steps)))
     assert len(questions) == 3  # asked once per step, and nothing ran after
+    # The scheduler's steps: SD1.5's PNDM makes one more denoiser pass than the 8 asked for.
+    total = engine.pipeline.num_timesteps
+    assert total in (8, 9)
+    assert steps_seen == [(1, total), (2, total), (3, total)]
+    assert str(cancelled.value) == f"cancelled by the caller after step 3 of {total}"
     image = engine.generate([request], lambda: False)[0]
     assert isinstance(image, np.ndarray)
     assert image.shape == (64, 64, 3)

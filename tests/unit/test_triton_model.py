@@ -43,6 +43,21 @@ class FakeRequest:
         self.checks += 1
         return self.cancelled_after_checks is not None and self.checks > self.cancelled_after_checks
 
+    def get_response_sender(self) -> FakeSender:
+        self.sender = FakeSender()
+        return self.sender
+
+
+class FakeSender:
+    """A decoupled request's response sender: records what was sent, with the flags."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[FakeResponse, int]] = []
+
+    def send(self, response: FakeResponse, flags: int = 0) -> None:
+        assert not any(flags for _, flags in self.sent), "nothing may follow the final response"
+        self.sent.append((response, flags))
+
 
 class FakeTritonError:
     INVALID_ARG = "INVALID_ARG"
@@ -59,12 +74,16 @@ class FakeResponse:
         self.error = error
 
 
+FINAL = 1
+
+
 @pytest.fixture
 def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     module.Tensor = FakeTensor  # type: ignore[attr-defined]
     module.TritonError = FakeTritonError  # type: ignore[attr-defined]
     module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
+    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
     return module
@@ -77,12 +96,14 @@ class RecordingGenerator:
         self.calls: list[list[GenerationRequest]] = []
         self.fail_width = fail_width
 
-    def generate(self, group: Sequence[GenerationRequest],
-                 stop_requested: Callable[[], bool] | None = None) -> list[np.ndarray | InvalidRequestError]:
+    def generate(self, group: Sequence[GenerationRequest], stop_requested: Callable[[], bool] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray | InvalidRequestError]:
         self.calls.append(list(group))
         if group[0].width == self.fail_width:
             raise GenerationError("out of memory")
-        for step in range(1, group[0].steps + 1):  # asked after every step, as the engine does
+        for step in range(1, group[0].steps + 1):  # told and asked after every step, as the engine does
+            if on_step is not None:
+                on_step(step, group[0].steps)
             if stop_requested is not None and stop_requested():
                 raise RequestCancelledError(f"cancelled by the caller after step {step} of {group[0].steps}")
         return [np.full((r.height, r.width, 3), r.seed % 256, dtype=np.uint8) for r in group]
@@ -112,6 +133,13 @@ def initialized_model(monkeypatch: pytest.MonkeyPatch, generator: RecordingGener
     assert loaded["placement"].torch_device == ("cuda:1" if kind == "GPU" else "cpu")
     assert loaded["core_sharing"] is model.core_sharing
     return model
+
+
+def answers(model: DiffusersTritonModel, requests: list[FakeRequest]) -> list[Any]:
+    """The responses of a model that answers once per request (not decoupled)."""
+    responses = model.execute(requests)
+    assert responses is not None
+    return responses
 
 
 def cpu_groups(*counts: int) -> list[dict[str, Any]]:
@@ -149,7 +177,7 @@ def test_execute_answers_each_request_in_order_when_batch_mixes_good_and_bad(
 ) -> None:
     generator = RecordingGenerator()
     model = initialized_model(monkeypatch, generator)
-    responses = model.execute([
+    responses = answers(model, [
         request(prompt="a", width=64, height=32, seed=7),
         request(prompt="", seed=8),
         request(prompt="b", width=128, height=64, seed=9),
@@ -169,7 +197,7 @@ def test_execute_fails_only_the_failing_group_when_one_pipeline_call_raises(
     fake_pb_utils: types.ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = initialized_model(monkeypatch, RecordingGenerator(fail_width=128))
-    responses = model.execute([request(prompt="a", width=128, height=64), request(prompt="b", width=64, height=64)])
+    responses = answers(model, [request(prompt="a", width=128, height=64), request(prompt="b", width=64, height=64)])
     assert responses[0].error.code == FakeTritonError.INTERNAL
     assert "out of memory" in responses[0].error.message
     assert responses[1].error is None
@@ -210,7 +238,7 @@ def test_cancelled_requests_get_cancelled_errors_and_stop_their_group_only_when_
     staying = request(2, 64, cancelled_after_checks=None)
     leaving_late = request(3, 64, cancelled_after_checks=3)
     both_leave = [request(4, 128, cancelled_after_checks=2), request(5, 128, cancelled_after_checks=4)]
-    responses = model.execute([gone_before, staying, leaving_late, *both_leave])
+    responses = answers(model, [gone_before, staying, leaving_late, *both_leave])
 
     assert responses[0].error.code == FakeTritonError.CANCELLED
     assert "before it started" in responses[0].error.message
@@ -224,3 +252,37 @@ def test_cancelled_requests_get_cancelled_errors_and_stop_their_group_only_when_
         assert response.error.code == FakeTritonError.CANCELLED
         assert response.error.message == "cancelled by the caller after step 5 of 6"
     assert [len(call) for call in generator.calls] == [2, 2]
+
+
+@pytest.mark.usefixtures("fake_pb_utils")
+def test_a_decoupled_model_streams_progress_after_every_step_then_one_final_response_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generator = RecordingGenerator(fail_width=128)
+    model = initialized_model(monkeypatch, generator, config={**MODEL_CONFIG,
+                                                              "model_transaction_policy": {"decoupled": True}})
+    requests = [
+        FakeRequest(TextToImage("p", width=64, height=64, num_inference_steps=3, seed=7).arrays()),
+        FakeRequest(TextToImage("p", width=128, height=64, num_inference_steps=3, seed=8).arrays()),
+        FakeRequest(TextToImage("p", width=64, height=64, num_inference_steps=0).arrays()),
+        FakeRequest(TextToImage("p", width=64, height=32, num_inference_steps=3).arrays(), cancelled_after_checks=0),
+    ]
+    assert model.execute(requests) is None  # decoupled: everything goes through the senders
+
+    progress, (final, flags) = requests[0].sender.sent[:-1], requests[0].sender.sent[-1]
+    assert [(int(response.outputs["STEPS_DONE"][0, 0]), int(response.outputs["STEPS"][0, 0]))
+            for response, _ in progress] == [(1, 3), (2, 3), (3, 3)]
+    assert all(flag == 0 for _, flag in progress)
+    elapsed = [float(response.outputs["ELAPSED_S"][0, 0]) for response, _ in progress]
+    assert elapsed == sorted(elapsed)
+    assert flags == FINAL
+    assert final.error is None
+    assert int(final.outputs["SEED"][0, 0]) == 7
+    assert final.outputs["IMAGE"].shape == (1, 64, 64, 3)
+    # A failed call, a refused request and a cancelled one each get exactly one final response: an error.
+    for request, code in zip(requests[1:], ("INTERNAL", "INVALID_ARG", "CANCELLED"), strict=True):
+        last, last_flags = request.sender.sent[-1]
+        assert last_flags == FINAL
+        assert last.error is not None
+        assert last.error.code == code
+        assert all(response.error is None for response, _ in request.sender.sent[:-1])
