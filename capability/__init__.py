@@ -8,6 +8,7 @@ from .errors import (
     CapabilityError,
     ConcurrencyLimitError,
     DeniedError,
+    GenerationCancelledError,
     GenerationError,
     InvalidOptionError,
     InvalidParamsError,
@@ -19,11 +20,14 @@ from .errors import (
     TemporarilyUnavailableError,
     UnknownServerError,
 )
+from .generation import Generation
 from .layer import CapabilityHandle, CapabilityLayer
+from .servers import Progress
 
 __all__ = [
     "GENERATE", "MINT", "Capabilities", "Capability", "CapabilityError", "CapabilityHandle", "CapabilityLayer",
-    "ConcurrencyLimitError", "DeniedError", "GenerateParams", "GenerationError", "InvalidOptionError",
-    "InvalidParamsError", "ModelNotServedError", "ServerBusyError", "ServerError", "ServerUnavailableError",
-    "StoreError", "TemporarilyUnavailableError", "UnknownServerError",
+    "ConcurrencyLimitError", "DeniedError", "GenerateParams", "Generation", "GenerationCancelledError",
+    "GenerationError", "InvalidOptionError", "InvalidParamsError", "ModelNotServedError", "Progress",
+    "ServerBusyError", "ServerError", "ServerUnavailableError", "StoreError", "TemporarilyUnavailableError",
+    "UnknownServerError",
 ]

@@ -331,29 +331,32 @@ class Generation:
     def __init__(self, run: Callable[[Cancellation], dict[str, Any]]) -> None:
         self._cancellation = Cancellation()
         self._outcome: dict[str, Any] | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(run,), name="text-to-image", daemon=True)
-        self._thread.start()
+        # An Event, not Thread.join: a KeyboardInterrupt in join() can leave the thread looking finished while it
+        # runs on (CPython bpo-21822).
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(run,), name="text-to-image", daemon=True).start()
 
     def _run(self, run: Callable[[Cancellation], dict[str, Any]]) -> None:
         try:
             self._outcome = run(self._cancellation)
         except BaseException as error:  # handed to whoever calls result()
             self._outcome = error
+        finally:
+            self._done.set()
 
     def cancel(self) -> None:
         self._cancellation.cancel()
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._done.is_set()
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The result (as ``text_to_image``'s), or the error the generation ended with; waits ``timeout_s`` at
         most (None: for as long as it runs), in slices, so that Ctrl-C reaches a waiting main thread."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._thread.is_alive():
+        while not self._done.wait(0.1):
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"the generation is still running after {timeout_s} s")
-            self._thread.join(0.1)
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         assert self._outcome is not None
