@@ -58,41 +58,101 @@ def resolve_pipeline_folder(settings: ModelSettings, model_directory: Path | Non
     return _download_from_hub(settings)
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for the cache only (read now: tests and restarts may change it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _download_from_hub(settings: ModelSettings) -> Path:
     from diffusers import DiffusionPipeline
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo_id = settings.source
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    advice = (
-        f"fetch it once where the hub is reachable (`hf download {repo_id}` with the same HF_HOME), "
-        "or set model_source in config.pbtxt to a local pipeline folder"
-    )
+    offline = hub_offline()
     try:
-        # DiffusionPipeline.download fetches only what from_pretrained will read (safetensors, the variant).
+        # DiffusionPipeline.download fetches only what from_pretrained will read (safetensors, the variant) at
+        # the pinned revision; the folder it returns is that revision's snapshot.
         folder = DiffusionPipeline.download(
-            repo_id, revision=settings.revision, variant=settings.variant, use_safetensors=True,
+            settings.source, revision=settings.revision, variant=settings.variant, use_safetensors=True,
             local_files_only=offline,
         )
-    except GatedRepoError as error:
-        raise ModelLoadError(
-            f"model {settings.model_id!r}: {repo_id} is gated on the hub; accept its licence on the model's "
-            f"hub page and set HF_TOKEN to a token of that account ({error.__class__.__name__})"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise ModelLoadError(
-            f"model {settings.model_id!r}: hub repository {repo_id!r} does not exist or needs HF_TOKEN; "
-            "check model_source/model_id in config.pbtxt"
-        ) from error
-    except LocalEntryNotFoundError as error:
-        where = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else "the hub cannot be reached"
-        raise ModelLoadError(
-            f"model {settings.model_id!r}: weights of {repo_id} cannot be had: {where} "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); {advice}"
-        ) from error
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"model {settings.model_id!r}: fetching {repo_id} failed: {error}; {advice}") from error
+        raise explain_hub_failure(settings, error, offline) from error
     return Path(folder)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling, nearest first."""
+    found: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        pending += [current.__cause__, current.__context__]
+    return found
+
+
+def explain_hub_failure(settings: ModelSettings, error: BaseException, offline: bool) -> ModelLoadError:
+    """What went wrong fetching ``settings``' weights from the hub, naming the model and the fix.
+
+    diffusers catches the hub's own errors and raises an ``OSError`` from them when the cache cannot stand in
+    (a gated or missing repository, a wrong revision), so the cause is looked for along the whole chain.
+    """
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id = settings.source
+    model = f"model {settings.model_id!r}"
+    page = f"https://huggingface.co/{repo_id}"
+    has_token = get_token() is not None
+    token_state = "a token is set (HF_TOKEN or `hf auth login`)" if has_token else "no token is set (HF_TOKEN)"
+    chain = _chain(error)
+
+    def first(*kinds: type[BaseException]) -> BaseException | None:
+        return next((cause for cause in chain if isinstance(cause, kinds)), None)
+
+    # Subclasses before their bases: GatedRepoError is a RepositoryNotFoundError.
+    if first(GatedRepoError) is not None:
+        fix = ("accept its licence on " + page + " with the account of that token" if has_token else
+               "accept its licence on " + page + " and set HF_TOKEN to a read token of that account")
+        return ModelLoadError(f"{model}: {repo_id} is gated on the hub and {token_state}: {fix}")
+    if first(RevisionNotFoundError) is not None:
+        return ModelLoadError(
+            f"{model}: revision {settings.revision!r} does not exist in hub repository {repo_id}: set parameter "
+            f"revision in config.pbtxt to a branch, tag or commit of {page}/commits/main, or remove it for main"
+        )
+    if first(RepositoryNotFoundError) is not None:
+        return ModelLoadError(
+            f"{model}: hub repository {repo_id!r} does not exist, or is private and {token_state}: check "
+            "model_id/model_source in config.pbtxt (a hub id such as stabilityai/sdxl-turbo, or a local "
+            "pipeline folder), or set HF_TOKEN for a private repository"
+        )
+    if first(HFValidationError) is not None:
+        return ModelLoadError(
+            f"{model}: {repo_id!r} is neither a local pipeline folder nor a valid hub repository id "
+            "(namespace/name): fix model_id/model_source in config.pbtxt"
+        )
+    advice = (
+        f"fetch it once where the hub is reachable (`hf download {repo_id}"
+        + (f" --revision {settings.revision}" if settings.revision else "")
+        + "` with the same HF_HOME), or set model_source in config.pbtxt to a local pipeline folder"
+    )
+    at_revision = f" at revision {settings.revision}" if settings.revision else ""
+    if first(LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError) is not None:
+        where = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else "the hub cannot be reached"
+        return ModelLoadError(
+            f"{model}: weights of {repo_id}{at_revision} cannot be had: {where} "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, cache {constants.HF_HUB_CACHE}); "
+            f"{advice}"
+        )
+    return ModelLoadError(f"{model}: fetching {repo_id}{at_revision} failed: {error}; {advice}")
 
 
 class TruncatedPromptFilter(logging.Filter):
