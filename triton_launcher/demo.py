@@ -90,6 +90,16 @@ def run_demo(layer: CapabilityLayer, server_url: str, arguments: argparse.Namesp
         print(f"{path}  {result['width']}x{result['height']}  seed {result['seed']}  "
               f"{time.monotonic() - begun:.2f} s", flush=True)
 
+    # The same request on the streaming variant: progress after every step, then the very same image.
+    steps_reported: list[int] = []
+    streamed = alice_cap.text_to_image(PROMPTS["sd15"], {
+        "modelId": "tiny-sd15", "width": arguments.width, "height": arguments.height,
+        "numInferenceSteps": arguments.steps, "seed": arguments.seed,
+    }, on_progress=lambda progress: steps_reported.append(progress.steps_done))
+    same = streamed["image"] == base64.b64encode((arguments.out / "tiny-sd15.png").read_bytes()).decode()
+    print(f"alice watched tiny-sd15 again with progress: steps {steps_reported[0]}..{steps_reported[-1]} reported, "
+          f"{'the same' if same else 'a different'} image")
+
     bob_cap = alice_cap.delegate({"allowed_models": ["tiny-sd15"], "max_width": 256, "max_height": 256,
                                   "max_steps": 8}).give("bob")
     print(f"alice delegated {bob_cap.id} (tiny-sd15 only, up to 256x256, 8 steps) and gave it to bob")
