@@ -52,11 +52,41 @@ class Caller(Protocol):
     def progress(self, steps_done: int, steps: int, elapsed_s: float) -> None: ...
 
 
+StepCallback = Callable[[int, int], None]
+"""``on_step(steps_done, steps)``, called after every denoising step."""
+
+
+class ExecutionObserver(Protocol):
+    """Hears how each request ends and what each pipeline call does (:mod:`.metrics` counts it)."""
+
+    def request_ended_before_pipeline(self, error: DiffusersBackendError) -> None: ...
+
+    def pipeline_call_started(self, requests: int, on_step: StepCallback | None) -> StepCallback | None:
+        """The ``on_step`` to give the call: ``on_step`` itself, or one that also hears of every step."""
+
+    def pipeline_call_ended(self, results: Sequence[Outcome], duration_s: float) -> None: ...
+
+
+class Unobserved:
+    """The observer of a service nobody watches."""
+
+    def request_ended_before_pipeline(self, error: DiffusersBackendError) -> None:
+        pass
+
+    def pipeline_call_started(self, requests: int, on_step: StepCallback | None) -> StepCallback | None:
+        return on_step
+
+    def pipeline_call_ended(self, results: Sequence[Outcome], duration_s: float) -> None:
+        pass
+
+
 class DiffusersService:
     def __init__(self, generator: ImageGenerator, limits: RequestLimits, model_id: str) -> None:
         self.generator = generator
         self.limits = limits
         self.model_id = model_id
+        self.observer: ExecutionObserver = Unobserved()
+        """Set by the Triton model to its metrics (:class:`.metrics.ModelMetrics`)."""
 
     @classmethod
     def load(cls, settings: ModelSettings, placement: Any, model_directory: Path | None = None,
@@ -107,6 +137,7 @@ class DiffusersService:
             except InvalidRequestError as error:
                 logger.info("%s: request refused: %s %s", self.model_id, error.field, error.rule)
                 outcomes[position] = error
+                self.observer.request_ended_before_pipeline(error)
 
         groups = group_requests(parsed)
         calls = 0
@@ -116,7 +147,7 @@ class DiffusersService:
             if callers is not None:
                 group = [index for index in whole_group if not callers[positions[index]].is_cancelled()]
                 for index in set(whole_group) - set(group):
-                    outcomes[positions[index]] = RequestCancelledError("cancelled by the caller before it started")
+                    outcomes[positions[index]] = self._cancelled_before_start()
                 if not group:
                     continue
                 waiting = [callers[positions[index]] for index in group]
@@ -124,8 +155,10 @@ class DiffusersService:
                 on_step = partial(_report_step, waiting, time.perf_counter())
             requests = [parsed[index] for index in group]
             calls += 1
+            call_started = time.perf_counter()
+            observed_on_step = self.observer.pipeline_call_started(len(requests), on_step)
             try:
-                images = self.generator.generate(requests, stop_requested, on_step)
+                images = self.generator.generate(requests, stop_requested, observed_on_step)
             except RequestCancelledError as error:
                 logger.info("%s: %d request(s) %s", self.model_id, len(group), error)
                 results: list[Outcome] = [error] * len(group)
@@ -141,6 +174,7 @@ class DiffusersService:
                            for image, request in zip(images, requests, strict=True)]
             for index, result in zip(group, results, strict=True):
                 outcomes[positions[index]] = result
+            self.observer.pipeline_call_ended(results, time.perf_counter() - call_started)
 
         logger.info(
             "%s: %d request(s), %d refused, %d pipeline call(s), %.3f s",
@@ -150,6 +184,11 @@ class DiffusersService:
         if missing:  # would misalign responses and requests: fail loudly instead
             raise RuntimeError(f"no outcome for request positions {missing}")
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _cancelled_before_start(self) -> RequestCancelledError:
+        cancelled = RequestCancelledError("cancelled by the caller before it started")
+        self.observer.request_ended_before_pipeline(cancelled)
+        return cancelled
 
 
 def _all_cancelled(callers: Sequence[Caller]) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 from .cpu_sharing import CoreSharing, available_cores
 from .errors import DiffusersBackendError, GenerationError, InvalidRequestError, RequestCancelledError
 from .loading import Placement
+from .metrics import ModelMetrics
 from .service import DiffusersService, GeneratedImage, Outcome
 from .settings import ModelSettings
 
@@ -54,6 +55,9 @@ class DiffusersTritonModel:
         except DiffusersBackendError as error:
             # Triton prints this under the model's name and, with --exit-on-error, stops the server.
             raise RuntimeError(f"Triton model {model_name!r} failed to load: {error}") from error
+        self.metrics = _model_metrics(pb_utils, model_name, args.get("model_version", "1"))
+        if self.metrics is not None:
+            self.service.observer = self.metrics
         logger.info("%s ready as %r on %s", model_name, settings.model_id, placement.torch_device)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
@@ -78,6 +82,8 @@ class DiffusersTritonModel:
         del self.service
         if self.core_sharing is not None:
             self.core_sharing.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _input_arrays(self, request: Any) -> dict[str, np.ndarray]:
         arrays = {}
@@ -139,6 +145,15 @@ def _core_sharing(model_name: str, placement: Placement, settings: ModelSettings
         logger.info("%s: shares %d cores with the server's other CPU instances (%s)", model_name, cores,
                     sharing.group)
     return sharing
+
+
+def _model_metrics(pb_utils: Any, model_name: str, model_version: str) -> ModelMetrics | None:
+    # A model that cannot count (Triton refused a metric family) still serves: metrics are not worth an outage.
+    try:
+        return ModelMetrics(pb_utils, model_name, model_version)
+    except Exception:
+        logger.exception("%s: serving without its diffusers_* metrics", model_name)
+        return None
 
 
 def _set_torch_threads(threads: int) -> None:

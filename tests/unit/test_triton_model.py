@@ -21,6 +21,7 @@ from diffusers_backend.triton_model import DiffusersTritonModel
 from diffusers_backend.validation import GenerationRequest, RequestLimits
 from triton_launcher.contract import TextToImage
 
+from .test_metrics import FakeMetricFamily
 from .test_validation import SD15_TRAITS
 
 
@@ -84,6 +85,7 @@ def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module.TritonError = FakeTritonError  # type: ignore[attr-defined]
     module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
     module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL  # type: ignore[attr-defined]
+    module.MetricFamily = FakeMetricFamily()  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
     return module
@@ -286,3 +288,39 @@ def test_a_decoupled_model_streams_progress_after_every_step_then_one_final_resp
         assert last.error is not None
         assert last.error.code == code
         assert all(response.error is None for response, _ in request.sender.sent[:-1])
+
+
+def test_the_model_counts_its_requests_in_metrics_labelled_with_its_name_and_version(
+    fake_pb_utils: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers_backend import metrics
+
+    model = initialized_model(monkeypatch, RecordingGenerator(), config={
+        **MODEL_CONFIG, "model_transaction_policy": {"decoupled": True}})
+    requests = [
+        FakeRequest(TextToImage("p", width=64, height=64, num_inference_steps=3, seed=7).arrays()),
+        FakeRequest(TextToImage("p", width=64, height=64, num_inference_steps=0).arrays()),
+        FakeRequest(TextToImage("p", width=64, height=32, num_inference_steps=3).arrays(), cancelled_after_checks=0),
+    ]
+    model.execute(requests)
+    registry = fake_pb_utils.MetricFamily
+    assert registry.counts("sd15") == {"images": 1.0, "invalid_request": 1.0, "safety_checker": 0.0,
+                                       "generation_error": 0.0, "cancelled": 1.0}
+    assert registry.value(metrics.STEPS, "sd15") == 3
+    model.finalize()
+    assert [family.live_metrics for family in registry.families.values()] == [0] * len(registry.families)
+
+
+def test_the_model_serves_without_metrics_when_triton_refuses_them(
+    fake_pb_utils: types.ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refusing(name: str, description: str, kind: str) -> None:
+        raise RuntimeError("Error when creating MetricFamily: metrics are disabled")
+
+    refusing.COUNTER = refusing.HISTOGRAM = "kind"  # type: ignore[attr-defined]
+    monkeypatch.setattr(fake_pb_utils, "MetricFamily", refusing)
+    model = initialized_model(monkeypatch, RecordingGenerator())
+    assert "sd15: serving without its diffusers_* metrics" in caplog.text
+    (response,) = answers(model, [request(prompt="a", width=64, height=32, seed=7)])
+    assert response.error is None
+    model.finalize()
