@@ -13,6 +13,7 @@ import json
 import sqlite3
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,6 +41,31 @@ def _model_list(text: str) -> list[str]:
     if not models:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: must list model ids separated by commas")
     return models
+
+
+_RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _moment(text: str) -> float:
+    """A Unix time from ISO 8601 (``2025-01-31``, ``2025-01-31T12:00:00Z``, ``…+02:00``; no zone: UTC) or from
+    an age before now (``90s``, ``15m``, ``2h``, ``7d``, ``1w``)."""
+    unit = _RELATIVE_UNITS.get(text[-1:])
+    if unit is not None:
+        try:
+            age = float(text[:-1])
+        except ValueError:
+            age = -1.0
+        if age >= 0 and age == age:  # not NaN
+            return time.time() - age * unit
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid: must be an ISO 8601 time (2025-01-31T12:00:00Z; no zone: UTC) or an age "
+            "like 90s, 15m, 2h, 7d, 1w") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     give.add_argument("--cap", required=True, metavar="ID")
     give.add_argument("--to", required=True, metavar="ENTITY")
     for name, text in (("revoke", "revoke a capability and everything delegated from it"),
-                       ("show", "show one capability"), ("audit", "uses and denials of a capability")):
+                       ("show", "show one capability")):
         command = commands.add_parser(name, parents=[common, acting], help=text)
         command.add_argument("--cap", required=True, metavar="ID")
+    audit = commands.add_parser(
+        "audit", parents=[common, acting],
+        help="uses and refusals of the capabilities you hold and of those below them, oldest first",
+        description="Audit entries of every capability ENTITY (--as) holds and of every capability delegated "
+                    "or minted below them, oldest first; the filters narrow them. Times are UTC.")
+    audit.add_argument("--cap", metavar="ID", help="that capability only (yours, or one below yours)")
+    audit.add_argument("--entity", dest="actor", metavar="ENTITY", help="entries of this acting entity only")
+    audit.add_argument("--action", help="mint, delegate, give, revoke, show, audit or generate")
+    audit.add_argument("--outcome", help="e.g. ok, denied, failed, busy")
+    audit.add_argument("--since", type=_moment, metavar="TIME",
+                       help="from this time on (ISO 8601, e.g. 2025-01-31T12:00:00Z, or an age: 90s, 15m, 2h, 7d)")
+    audit.add_argument("--until", type=_moment, metavar="TIME", help="before this time (same forms as --since)")
+    audit.add_argument("--limit", type=_positive, metavar="N", help="the N most recent matching entries")
     commands.add_parser("list", parents=[common, acting], help="the capabilities an entity holds")
     generate = commands.add_parser("generate", parents=[common, acting], help="textToImage with a capability")
     generate.add_argument("--cap", required=True, metavar="ID")
@@ -96,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="store the inference key of a server not started in this state dir")
     register.add_argument("--url", required=True)
     register.add_argument("--key-file", type=Path, required=True)
+    register.add_argument("--grpc-address", metavar="HOST:PORT",
+                          help="its gRPC endpoint, for progress and cancellation (generate --progress)")
     return parser
 
 
@@ -160,16 +201,18 @@ def _list(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
 
 
 def _audit(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
-    entries = capabilities.audit_log(arguments.entity, arguments.cap)
+    entries = capabilities.audit_entries(
+        arguments.entity, capability_id=arguments.cap, entity=arguments.actor, action=arguments.action,
+        outcome=arguments.outcome, since=arguments.since, until=arguments.until, limit=arguments.limit)
     lines = [" ".join(str(part) for part in (
-        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"])), entry["entity"], entry["action"],
-        entry["outcome"], entry["model"], entry["detail"]) if part) for entry in entries]
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"])), entry["entity"], entry["capability_id"],
+        entry["action"], entry["outcome"], entry["model"], entry["detail"]) if part) for entry in entries]
     return entries, "\n".join(lines)
 
 
 def _register_server(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
     key = arguments.key_file.read_text(encoding="utf-8")
-    url = ServerKeys(capabilities.store, arguments.state_dir).register(arguments.url, key)
+    url = ServerKeys(capabilities.store, arguments.state_dir).register(arguments.url, key, arguments.grpc_address)
     return {"registered": url}, f"registered the key of {url}"
 
 

@@ -24,6 +24,7 @@ from .capabilities import canonical_server_url
 from .errors import (
     GenerationCancelledError,
     GenerationError,
+    InvalidParamsError,
     ModelNotServedError,
     ServerBusyError,
     ServerError,
@@ -67,13 +68,15 @@ class ServerKeys:
             "--key-file FILE"
         )
 
-    def register(self, server_url: str, key: str) -> str:
+    def register(self, server_url: str, key: str, grpc_address: str | None = None) -> str:
         url = canonical_server_url(server_url)
         if not key.strip():
             raise UnknownServerError(f"the key for {url} is empty")
+        if grpc_address is not None:
+            grpc_address = canonical_grpc_address(grpc_address)
         with self.store.write() as db:
-            db.execute("INSERT OR REPLACE INTO servers (url, infer_key, registered_at) VALUES (?, ?, ?)",
-                       (url, key.strip(), time.time()))
+            db.execute("INSERT OR REPLACE INTO servers (url, infer_key, registered_at, grpc_address) "
+                       "VALUES (?, ?, ?, ?)", (url, key.strip(), time.time(), grpc_address))
         return url
 
     def grpc_address(self, server_url: str) -> str:
@@ -81,10 +84,15 @@ class ServerKeys:
         url = canonical_server_url(server_url)
         description = self._local_description(url)
         address = None if description is None else description.get("grpc_address")
+        if address is None:
+            row = self.store.read().execute("SELECT grpc_address FROM servers WHERE url = ?", (url,)).fetchone()
+            address = None if row is None else row["grpc_address"]
         if not isinstance(address, str) or not address:
             raise UnknownServerError(
-                f"the gRPC address of {url} is not known: progress and cancellation need it, and only a server "
-                f"started by scripts/serve{f' in {self.state_dir}' if self.state_dir else ''} publishes it"
+                f"the gRPC address of {url} is not known: progress and cancellation need it; a server started by "
+                f"scripts/serve{f' in {self.state_dir}' if self.state_dir else ''} publishes it, and another one's "
+                f"is registered with: python -m capability register-server --url {url} --key-file FILE "
+                "--grpc-address HOST:PORT"
             )
         return address
 
@@ -110,6 +118,14 @@ class ServerKeys:
             return (self.state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip() or None
         except OSError:
             return None
+
+
+def canonical_grpc_address(address: str) -> str:
+    """``host:port`` of a gRPC endpoint, checked: a host name or address and a TCP port, nothing else."""
+    host, _, port = address.strip().rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c in host for c in "/@ ?#"):
+        raise InvalidParamsError(f"grpc_address={address!r} is invalid: must be HOST:PORT, e.g. 127.0.0.1:8001")
+    return f"{host.lower()}:{int(port)}"
 
 
 @dataclass(frozen=True)

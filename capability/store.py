@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
         registered_at REAL NOT NULL
     );
     """,
+    # 2: a registered server's gRPC address (host:port), for streaming; NULL when not given.
+    """
+    ALTER TABLE servers ADD COLUMN grpc_address TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "servers"})

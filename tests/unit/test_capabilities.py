@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from capability.capabilities import Capabilities, GenerateParams, canonical_server_url
-from capability.errors import ConcurrencyLimitError, DeniedError, InvalidParamsError, StoreError
-from capability.store import STORE_FILE, Store
+from capability.errors import ConcurrencyLimitError, DeniedError, InvalidParamsError, StoreError, UnknownServerError
+from capability.store import MIGRATIONS, SCHEMA_VERSION, STORE_FILE, Store
 
 SERVER = "http://127.0.0.1:8000"
 OTHER_SERVER = "http://127.0.0.1:9000"
@@ -279,7 +279,7 @@ def test_canonical_server_url_refuses_anything_but_scheme_host_and_port(url: str
 
 def test_store_is_private_and_versioned_when_created(store: Store) -> None:
     assert store.path.stat().st_mode & 0o777 == 0o600
-    assert store.read().execute("PRAGMA user_version").fetchone()[0] == 1
+    assert store.read().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.read().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -296,7 +296,7 @@ def test_store_refuses_a_newer_schema_when_opened_by_older_code(tmp_path: Path) 
     Store(path).close()
     with sqlite3.connect(path) as connection:
         connection.execute("PRAGMA user_version=99")
-    with pytest.raises(Exception, match="schema version 99, newer than this code's 1"):
+    with pytest.raises(Exception, match=f"schema version 99, newer than this code's {SCHEMA_VERSION}"):
         Store(path)
 
 
@@ -418,3 +418,28 @@ def test_lease_renewer_runs_again_when_a_lease_is_added_after_close(caps: Capabi
     assert renewer._thread.is_alive()
     assert not renewer._stop.is_set()
     renewer.close()
+
+
+def test_a_version_1_store_is_migrated_keeping_its_rows_and_registered_servers_gain_a_grpc_address(
+    tmp_path: Path,
+) -> None:
+    from capability.servers import ServerKeys
+
+    path = tmp_path / STORE_FILE
+    with sqlite3.connect(path) as connection:  # the store as the first release wrote it
+        connection.executescript(MIGRATIONS[0])
+        connection.execute("INSERT INTO servers (url, infer_key, registered_at) VALUES ('http://gpu:8000', 'k', 1)")
+        connection.execute("PRAGMA user_version = 1")
+    connection.close()
+    path.chmod(0o600)
+    store = Store(path)
+    assert store.read().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    keys = ServerKeys(store, None)
+    assert keys.key_for("http://gpu:8000") == "k"
+    with pytest.raises(UnknownServerError, match="--grpc-address HOST:PORT"):
+        keys.grpc_address("http://gpu:8000")
+    keys.register("http://gpu:8000", "k2", grpc_address="GPU:8001")
+    assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
+    with pytest.raises(InvalidParamsError, match="grpc_address='gpu' is invalid: must be HOST:PORT"):
+        keys.register("http://gpu:8000", "k2", grpc_address="gpu")
+    store.close()
