@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import sqlite3
 import sys
 import time
@@ -43,22 +44,18 @@ def _model_list(text: str) -> list[str]:
     return models
 
 
-_RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_AGE = re.compile(r"(?P<amount>\d+(?:\.\d+)?)(?P<unit>[smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _moment(text: str) -> float:
     """A Unix time from ISO 8601 (``2025-01-31``, ``2025-01-31T12:00:00Z``, ``…+02:00``; no zone: UTC) or from
     an age before now (``90s``, ``15m``, ``2h``, ``7d``, ``1w``)."""
-    unit = _RELATIVE_UNITS.get(text[-1:])
-    if unit is not None:
-        try:
-            age = float(text[:-1])
-        except ValueError:
-            age = -1.0
-        if age >= 0 and age == age:  # not NaN
-            return time.time() - age * unit
+    age = _AGE.fullmatch(text)
+    if age is not None:
+        return time.time() - float(age["amount"]) * _UNIT_SECONDS[age["unit"]]
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))  # Python 3.10 does not read "Z"
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is invalid: must be an ISO 8601 time (2025-01-31T12:00:00Z; no zone: UTC) or an age "
@@ -66,6 +63,22 @@ def _moment(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+def _add_audit_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit", parents=parents,
+        help="uses and refusals of the capabilities you hold and of those below them, oldest first",
+        description="Audit entries of every capability ENTITY (--as) holds and of every capability delegated "
+                    "or minted below them, oldest first; the filters narrow them. Times are UTC.")
+    audit.add_argument("--cap", metavar="ID", help="that capability only (yours, or one below yours)")
+    audit.add_argument("--entity", dest="actor", metavar="ENTITY", help="entries of this acting entity only")
+    audit.add_argument("--action", help="mint, delegate, give, revoke, show, audit or generate")
+    audit.add_argument("--outcome", help="e.g. ok, denied, failed, busy")
+    audit.add_argument("--since", type=_moment, metavar="TIME",
+                       help="from this time on (ISO 8601, e.g. 2025-01-31T12:00:00Z, or an age: 90s, 15m, 2h, 7d)")
+    audit.add_argument("--until", type=_moment, metavar="TIME", help="before this time (same forms as --since)")
+    audit.add_argument("--limit", type=_positive, metavar="N", help="the N most recent matching entries")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,19 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("show", "show one capability")):
         command = commands.add_parser(name, parents=[common, acting], help=text)
         command.add_argument("--cap", required=True, metavar="ID")
-    audit = commands.add_parser(
-        "audit", parents=[common, acting],
-        help="uses and refusals of the capabilities you hold and of those below them, oldest first",
-        description="Audit entries of every capability ENTITY (--as) holds and of every capability delegated "
-                    "or minted below them, oldest first; the filters narrow them. Times are UTC.")
-    audit.add_argument("--cap", metavar="ID", help="that capability only (yours, or one below yours)")
-    audit.add_argument("--entity", dest="actor", metavar="ENTITY", help="entries of this acting entity only")
-    audit.add_argument("--action", help="mint, delegate, give, revoke, show, audit or generate")
-    audit.add_argument("--outcome", help="e.g. ok, denied, failed, busy")
-    audit.add_argument("--since", type=_moment, metavar="TIME",
-                       help="from this time on (ISO 8601, e.g. 2025-01-31T12:00:00Z, or an age: 90s, 15m, 2h, 7d)")
-    audit.add_argument("--until", type=_moment, metavar="TIME", help="before this time (same forms as --since)")
-    audit.add_argument("--limit", type=_positive, metavar="N", help="the N most recent matching entries")
+    _add_audit_parser(commands, [common, acting])
     commands.add_parser("list", parents=[common, acting], help="the capabilities an entity holds")
     generate = commands.add_parser("generate", parents=[common, acting], help="textToImage with a capability")
     generate.add_argument("--cap", required=True, metavar="ID")

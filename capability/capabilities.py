@@ -365,6 +365,36 @@ class Capabilities:
         rows = db.execute("SELECT * FROM audit WHERE capability_id = ? ORDER BY id", (capability_id,))
         return [dict(row) for row in rows]
 
+    def audit_entries(self, reader: str, *, capability_id: str | None = None, entity: str | None = None,
+                      action: str | None = None, outcome: str | None = None, since: float | None = None,
+                      until: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit entries ``reader`` may read that match every filter given, oldest first.
+
+        ``reader`` reads the entries of every capability it holds and of everything below them (so an
+        authority's owner reads all that was minted from it and delegated further), as :meth:`audit_log` and
+        :meth:`revoke` decide; a capability it gave away is no longer its to read. ``capability_id``: that
+        capability's entries only, refused (and the refusal recorded) unless ``reader`` may read it, with the
+        same answer for a made-up id and someone else's. ``entity``: entries of that acting entity;
+        ``since`` (inclusive) and ``until`` (exclusive): Unix times; ``limit``: the most recent that many.
+        """
+        if limit is not None and limit < 1:
+            raise InvalidParamsError(f"limit={limit} is invalid: must be a positive number of entries")
+        if since is not None and until is not None and since >= until:
+            raise InvalidParamsError(f"since={_when(since)} is invalid: must be before until={_when(until)}")
+        db = self.store.read()
+        if capability_id is not None:
+            capability = self._find(db, capability_id)
+            with self._recording_denials(reader, capability_id, "audit"):
+                if capability is None or reader not in {link.owner for link in self._chain(db, capability)}:
+                    raise DeniedError(f"capability {describe_value(capability_id)} is not held by "
+                                      f"{describe_value(reader)}")
+        if not all(_is_utf8(text) for text in (reader, entity, action, outcome) if isinstance(text, str)):
+            return []  # SQLite cannot bind a lone surrogate, and no stored name holds one
+        rows = db.execute(_AUDIT_QUERY, {
+            "reader": reader, "capability_id": capability_id, "entity": entity, "action": action,
+            "outcome": outcome, "since": since, "until": until, "limit": -1 if limit is None else limit})
+        return [dict(row) for row in rows]
+
     # --- use ---------------------------------------------------------------------------------------------------
 
     def authorize(self, entity: str, capability_id: str) -> Grant:
@@ -532,6 +562,27 @@ class Capabilities:
             (self.clock(), _storable(entity), _storable(capability_id if isinstance(capability_id, str) else None),
              action, outcome, _storable(model), width, height, steps, _storable(detail)),
         )
+
+
+_AUDIT_QUERY = """
+    WITH RECURSIVE readable(id) AS (
+        SELECT id FROM capabilities WHERE owner = :reader
+        UNION SELECT c.id FROM capabilities c JOIN readable r ON c.parent_id = r.id),
+    scope(id) AS (
+        SELECT :capability_id WHERE :capability_id IS NOT NULL
+        UNION ALL SELECT id FROM readable WHERE :capability_id IS NULL)
+    SELECT * FROM (
+        SELECT a.* FROM audit a
+        WHERE a.capability_id IN (SELECT id FROM scope)
+          AND (:entity IS NULL OR a.entity = :entity)
+          AND (:action IS NULL OR a.action = :action)
+          AND (:outcome IS NULL OR a.outcome = :outcome)
+          AND (:since IS NULL OR a.at >= :since)
+          AND (:until IS NULL OR a.at < :until)
+        ORDER BY a.id DESC LIMIT :limit)
+    ORDER BY id
+"""
+"""Capabilities.audit_entries: the newest ``limit`` matching entries (-1: all), returned oldest first."""
 
 
 def _is_utf8(text: str) -> bool:
