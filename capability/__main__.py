@@ -74,7 +74,7 @@ def _add_audit_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> 
     audit.add_argument("--cap", metavar="ID", help="that capability only (yours, or one below yours)")
     audit.add_argument("--entity", dest="actor", metavar="ENTITY", help="entries of this acting entity only")
     audit.add_argument("--action", help="mint, delegate, give, revoke, show, audit or generate")
-    audit.add_argument("--outcome", help="e.g. ok, denied, failed, busy")
+    audit.add_argument("--outcome", help="ok, denied, failed or cancelled")
     audit.add_argument("--since", type=_moment, metavar="TIME",
                        help="from this time on (ISO 8601, e.g. 2025-01-31T12:00:00Z, or an age: 90s, 15m, 2h, 7d)")
     audit.add_argument("--until", type=_moment, metavar="TIME", help="before this time (same forms as --since)")
