@@ -18,10 +18,27 @@ from types import FrameType
 
 from .errors import LauncherError
 from .paths import MODEL_REPOSITORY, STATE_DIR, TINY_REPOSITORY
-from .server import DEFAULT_HTTP_PORT, ServerOptions, TritonServer
+from .server import DEFAULT_HTTP_PORT, LOOPBACK, ServerOptions, TritonServer
 from .watchdog import DEFAULT_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S, Watchdog
 
 logger = logging.getLogger("triton_launcher")
+
+
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - only for a container, whose published ports decide who reaches it
+LISTEN_ADDRESSES = (LOOPBACK, ALL_INTERFACES)
+"""Both include loopback, where the launcher's probes and the watchdog connect; nothing else is offered."""
+
+
+def listen_arguments(address: str) -> tuple[str, ...]:
+    """tritonserver flags that move every endpoint from loopback to ``address`` (none for loopback).
+
+    Docker forwards a published port to the container's own interface, never to its loopback, so a server in a
+    container must listen there too. The flags repeat ones the launcher already sets; tritonserver takes the
+    last occurrence of a flag, so the rest of the command line stays exactly that of ``scripts/serve``.
+    """
+    if address == LOOPBACK:
+        return ()
+    return (f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}")
 
 
 class _StopRequestedError(Exception):
@@ -64,6 +81,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-timeout", type=float, default=DEFAULT_PROBE_TIMEOUT_S, metavar="SECONDS",
                         help="a watchdog probe that has no answer after this long counts as a fault; it waits in "
                              "the model's queue like any request (default: %(default)s)")
+    parser.add_argument("--listen-address", choices=LISTEN_ADDRESSES, default=LOOPBACK,
+                        help="address the HTTP, gRPC and metrics endpoints listen on (default: %(default)s); "
+                             "0.0.0.0 only inside a container whose ports are published on the host's loopback "
+                             "(docker/compose.yaml): the launcher itself always connects through 127.0.0.1")
     parser.add_argument("--dry-run", action="store_true", help="print the tritonserver command and exit")
     arguments = parser.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -100,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         executable=arguments.tritonserver,
         log_file=arguments.log_file,
         log_verbose=arguments.log_verbose,
+        extra_args=listen_arguments(arguments.listen_address),
     )
     server = TritonServer(options)
     try:

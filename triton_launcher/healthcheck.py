@@ -1,0 +1,171 @@
+"""``python -m triton_launcher.healthcheck``: exit 0 if every model of the running server answers a real inference.
+
+The container's health check (docker/compose.yaml). Triton's ``/v2/health/ready`` stays 200 while a model's
+Python stub is dead (Triton issue 8604), so, like the launcher's start-up probe, this sends each model one
+64x64, one-step inference and checks the image that comes back. It reads what the launcher left in the state
+dir: ``server.json`` (the URLs, the models, which of them stream) and the inference key. Streaming (decoupled)
+models answer on gRPC streams only, so they are probed there.
+
+Prints one line per model (on stdout when it answered, on stderr when it did not); exit 1 if any model or the
+server description failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import contract, grpc_wire
+from .paths import SERVER_FILE, STATE_DIR
+from .server import PROBE_SIDE
+
+DEFAULT_TIMEOUT_S = 300.0
+"""For all models together. A probe waits in a model's queue like any request, so a busy server needs time;
+the same default as the watchdog's probe timeout."""
+
+
+class UnhealthyError(Exception):
+    """The server cannot be checked, or a model did not answer as it should."""
+
+
+@dataclass(frozen=True)
+class ServerDescription:
+    """What a client needs from the state dir to reach the launcher's server."""
+
+    http_address: str
+    """``host:port``, as tritonclient wants it."""
+    grpc_address: str
+    models: tuple[str, ...]
+    streaming_models: frozenset[str]
+    infer_key_header: str
+    infer_key: str
+
+    def headers(self) -> dict[str, str]:
+        """A new dict for every request: tritonclient.http's ``infer`` adds its own headers (an int among them,
+        which gRPC metadata rejects) to the dict it is given."""
+        return {self.infer_key_header: self.infer_key}
+
+
+def read_server_description(state_dir: Path) -> ServerDescription:
+    """The server the launcher described in ``state_dir``; UnhealthyError if there is none or it is unreadable."""
+    server_file = state_dir / SERVER_FILE
+    try:
+        description = json.loads(server_file.read_text(encoding="utf-8"))
+        infer_key = (state_dir / description["infer_key_file"]).read_text(encoding="utf-8").strip()
+        return ServerDescription(
+            http_address=urllib.parse.urlsplit(description["url"]).netloc,
+            grpc_address=description["grpc_address"],
+            models=tuple(description["models"]),
+            streaming_models=frozenset(description.get("streaming_models", ())),
+            infer_key_header=description["infer_key_header"],
+            infer_key=infer_key,
+        )
+    except FileNotFoundError as error:
+        # The launcher writes server.json once every model has passed its start-up probe, and removes it on stop.
+        raise UnhealthyError(f"{error.filename} does not exist: no server is serving from {state_dir} "
+                             "(still starting, stopped, or another --state-dir)") from error
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UnhealthyError(f"cannot read the server description in {state_dir}: {error!r}") from error
+
+
+def probe_request() -> contract.TextToImage:
+    """The launcher's start-up probe: cheap on any device, a valid size for every family."""
+    return contract.TextToImage("health check", width=PROBE_SIDE, height=PROBE_SIDE, num_inference_steps=1, seed=0)
+
+
+def probe_model(server: ServerDescription, model: str, timeout_s: float) -> None:
+    """One real inference on ``model``; UnhealthyError unless it returns a PROBE_SIDE x PROBE_SIDE RGB image."""
+    try:
+        if model in server.streaming_models:
+            image = _stream_probe(server, model, timeout_s)
+        else:
+            image = _http_probe(server, model, timeout_s)
+    except UnhealthyError:
+        raise
+    except Exception as error:  # whatever the client raised, the model did not answer: report it as such
+        raise UnhealthyError(f"{model}: inference failed: {error}") from error
+    if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
+        raise UnhealthyError(f"{model}: returned an image of shape {image.shape}, not ({PROBE_SIDE}, {PROBE_SIDE}, 3)")
+
+
+def _http_probe(server: ServerDescription, model: str, timeout_s: float) -> Any:
+    import tritonclient.http
+
+    with tritonclient.http.InferenceServerClient(server.http_address, connection_timeout=timeout_s,
+                                                 network_timeout=timeout_s) as client:
+        result = client.infer(model, probe_request().http_inputs(), outputs=contract.http_outputs(),
+                              headers=server.headers())
+    return contract.read_result(result).image
+
+
+def _stream_probe(server: ServerDescription, model: str, timeout_s: float) -> Any:
+    request = grpc_wire.infer_request(model, probe_request().arrays())
+    with grpc_wire.channel(server.grpc_address) as channel:
+        call = grpc_wire.stream_infer(channel, request, server.headers(), timeout_s)
+        for message in call:
+            response = grpc_wire.stream_response(message)
+            if response.error:
+                raise UnhealthyError(f"{model}: inference failed: {response.error}")
+            if contract.IMAGE in response.outputs:
+                call.cancel()  # the image is the stream's last response: no need to wait for its end
+                return response.outputs[contract.IMAGE][0]
+    raise UnhealthyError(f"{model}: the stream ended without an image")
+
+
+def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """Probe every model of the server in ``state_dir``, within ``timeout_s`` in all; the failures (empty: healthy).
+
+    Every model is probed even after one has failed, so that the report names all the broken ones.
+    """
+    try:
+        server = read_server_description(state_dir)
+    except UnhealthyError as error:
+        return [str(error)]
+    deadline = time.monotonic() + timeout_s
+    failures = []
+    for model in server.models:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            failures.append(f"{model}: not probed, the {timeout_s:.0f} s allowed for the check ran out")
+            continue
+        started = time.monotonic()
+        try:
+            probe_model(server, model, remaining_s)
+        except UnhealthyError as error:
+            failures.append(str(error))
+            print(f"unhealthy: {error}", file=sys.stderr)
+        else:
+            print(f"ok: {model} ({time.monotonic() - started:.2f} s)")
+    return failures
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m triton_launcher.healthcheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help="the launcher's state dir (default: %(default)s, or $TRITON_DIFFUSERS_STATE)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="for the whole check, every model included (default: %(default)s)")
+    arguments = parser.parse_args(argv)
+    if arguments.timeout <= 0:
+        parser.error(f"--timeout={arguments.timeout} is invalid: must be a positive number of seconds")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    failures = check(arguments.state_dir, arguments.timeout)
+    if failures:
+        print(f"unhealthy: {len(failures)} failure(s); first: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
