@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -91,11 +92,17 @@ def test_cancel_stops_the_generation_on_the_server_within_a_step_and_the_next_re
     stopped = _wait_for(lambda: re.search(r"tiny-sd15: 1 request\(s\) cancelled by the caller after step (\d+) of "
                                           r"(\d+)", log.read_bytes()[log_size:].decode(errors="replace")))
     steps_run, total = int(stopped[1]), int(stopped[2])
-    # The model asks after every step: it stops at the first step that ends after the cancel reached it.
-    assert cancelled_at <= steps_run <= cancelled_at + 2 < total
     outcomes = [entry["outcome"] for entry in streaming_layer.capabilities.audit_log("alice", alice.id)]
     assert outcomes[-1] == "cancelled"
     assert streaming_layer.store.read().execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+    # The model asks after every step: it stops at the first step that ends after the cancel reached it.
+    assert cancelled_at <= steps_run <= cancelled_at + 2 < total
+    # And its CPU is free: while a plain generation runs elsewhere, the streaming stub burns next to nothing
+    # (one 512x512 step of the tiny SD1.5 costs it about 0.1 s of CPU; 90 more would cost seconds).
+    stub = _stream_stub(tiny_server)
+    before = sum(stub.cpu_times()[:2])
+    alice.text_to_image("meanwhile", {"width": 256, "height": 256, "numInferenceSteps": 8})
+    assert sum(stub.cpu_times()[:2]) - before < 0.5
     after = alice.text_to_image("next", {"width": 64, "height": 64, "numInferenceSteps": 2}, on_progress=lambda _: None)
     assert (after["width"], after["height"]) == (64, 64)
 
@@ -136,6 +143,13 @@ def test_cli_shows_a_progress_bar_and_ctrl_c_cancels_on_the_server(
             interrupted.wait()
     assert interrupted.returncode == 130, (shown + rest).decode(errors="replace")
     assert b"cancelled: cancelled by the caller at step" in shown + rest
+
+
+def _stream_stub(server: TritonServer) -> psutil.Process:
+    assert server.process is not None
+    [stub] = [process for process in psutil.Process(server.process.pid).children(recursive=True)
+              if f"/{MODEL}-stream/1/model.py" in " ".join(process.cmdline())]
+    return stub
 
 
 def _wait_for(find: Callable[[], re.Match[str] | None]) -> re.Match[str]:
