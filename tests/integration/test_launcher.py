@@ -17,7 +17,7 @@ import pytest
 from triton_launcher.errors import ServerStartError
 from triton_launcher.installation import MALLOC_TUNABLES
 from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
-from triton_launcher.repository import TINY_CPU_INSTANCES, with_parameters
+from triton_launcher.repository import STREAM_SUFFIX, TINY_CPU_INSTANCES, TINY_STREAMING, with_parameters
 from triton_launcher.server import TritonServer, free_ports
 
 from .conftest import TINY_MODELS, tiny_server_options
@@ -43,7 +43,10 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
             assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
             description = json.loads((state_dir / SERVER_FILE).read_text())
             assert description["url"] == f"http://127.0.0.1:{port}"
-            assert sorted(description["models"]) == sorted(TINY_MODELS)
+            streaming = [f"tiny-{family}{STREAM_SUFFIX}" for family in TINY_STREAMING]
+            assert sorted(description["models"]) == sorted([*TINY_MODELS, *streaming])
+            assert description["streaming_models"] == streaming
+            assert description["grpc_address"] == f"127.0.0.1:{grpc_port}"
             key = key_file.read_text().strip()
             assert key not in json.dumps(description)
             assert key not in (state_dir / "tritonserver.log").read_text()
@@ -52,7 +55,7 @@ def test_serve_prints_ready_writes_a_private_key_and_stops_cleanly_when_sent_sig
             server_process = psutil.Process(description["pid"])
             family = [server_process, *server_process.children(recursive=True)]
             stubs = [p for p in family if "triton_python_backend_stub" in p.name()]
-            assert len(stubs) == len(TINY_MODELS) * TINY_CPU_INSTANCES
+            assert len(stubs) == len(TINY_MODELS) * TINY_CPU_INSTANCES + len(streaming)  # one instance each
             for stub in stubs:
                 # glibc's loader (2.36) parses GLIBC_TUNABLES in place, writing a NUL after each tunable, so
                 # /proc shows them as separate strings: join them back before looking.
