@@ -410,7 +410,9 @@ def run_suite(plan: Plan, png_iterations: int = 10) -> dict[str, Any]:
             print(f"{model} ({sizes}, {plan.steps} steps): in-process, through Triton and the capability "
                   "layer, in-process again…", flush=True)
             phases = [floor.measure(family, plan.half())]
-            repository = build_tiny_repository(Path(scratch) / family / "repository", families=(family,))
+            # The plain models only: the streaming variant's stub would be one more process in every figure.
+            repository = build_tiny_repository(Path(scratch) / family / "repository", families=(family,),
+                                               streaming=())
             with TritonServer(loopback_options(repository, Path(scratch) / family / "state")) as server:
                 served = measure_served(server, model, plan)
             phases.append(floor.measure(family, plan.half()))
@@ -426,7 +428,8 @@ def run_suite(plan: Plan, png_iterations: int = 10) -> dict[str, Any]:
                     families[model].setdefault("larger_sizes", {})[f"{side}x{side}"] = figures
         print("every family on one server: start-up and memory…", flush=True)
         started = time.perf_counter()
-        with TritonServer(loopback_options(build_tiny_repository(), Path(scratch) / "all" / "state")) as server:
+        all_repository = build_tiny_repository(Path(scratch) / "all" / "repository", streaming=())
+        with TritonServer(loopback_options(all_repository, Path(scratch) / "all" / "state")) as server:
             startup_s = time.perf_counter() - started
             memory = server_memory(server)
 
