@@ -47,6 +47,7 @@ PROBE_SIDE = 64
 RESTART_STOP_TIMEOUT_S = 10.0
 """A server restarted for a fault gets this long to finish in-flight requests. With a dead stub it does not
 exit by itself (it waits for the stub's requests, which never finish), so this is how long a restart waits."""
+_GROUP_EXIT_WAIT_S = 10.0
 _LOG_TAIL_LINES = 40
 _POLL_SECONDS = 0.2
 
@@ -384,6 +385,15 @@ class TritonServer:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         self.process = None
+        # The stubs die with the group, but a restart must not start loading models while they still hold
+        # their GPU memory: wait (bounded: an unreaped zombie also counts) until the group is gone.
+        deadline = time.monotonic() + _GROUP_EXIT_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(_POLL_SECONDS / 2)
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:

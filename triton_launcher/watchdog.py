@@ -32,8 +32,15 @@ DEFAULT_PROBE_TIMEOUT_S = 300.0
 """A probe waits in the model's queue like any request: behind up to max_queue_size multi-second generations."""
 MAX_FAILED_RESTARTS = 3
 """Consecutive restarts that fail to bring the models back before the watchdog gives up (and serve exits)."""
+PROBE_TIMEOUTS_FOR_FAULT = 2
+"""Probes in a row without any answer that make a fault: one can be a long queue, two is a hung model."""
+RESTART_BACKOFF_S = 5.0
+"""Wait before a further restart attempt, times the attempts so far."""
 _CRASH_CHECK_S = 1.0
+_clock = time.monotonic  # how long a probe took (tests replace it)
+# Triton's refusals for a model's queue (the capability layer reports them as ServerBusyError).
 _QUEUE_FULL = "Exceeds maximum queue size"
+_QUEUE_TIMEOUT = "Request timeout expired"
 
 
 class WatchdogGaveUpError(ServerStartError):
@@ -53,14 +60,18 @@ class Watchdog:
     """Watches one started, ready ``TritonServer`` and restarts it on a fault. Run it with :meth:`run`."""
 
     def __init__(self, server: TritonServer, interval_s: float = DEFAULT_INTERVAL_S,
-                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S) -> None:
+                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+                 restart_backoff_s: float = RESTART_BACKOFF_S) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s={interval_s} is invalid: must be a positive number of seconds")
         self.server = server
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
+        self.restart_backoff_s = restart_backoff_s
         self.restarts = 0
         self.faults: list[Fault] = []
+        self._timeouts: dict[str, int] = {}
+        """Probes in a row that had no answer at all, per model."""
         self._restarted = threading.Condition()
 
     def run(self, stop: threading.Event) -> None:
@@ -96,14 +107,25 @@ class Watchdog:
             return self._restarted.wait_for(lambda: self.restarts >= count, timeout=timeout_s)
 
     def _probe(self, model: str) -> str | None:
+        started = _clock()
         try:
             self.server.probe(model, timeout_s=self.probe_timeout_s)
         except ServerStartError as error:
             reason = str(error).split("\n", 1)[0]  # without the log tail that start-up errors carry
-            if _QUEUE_FULL in reason:  # the model is busy, so its stub is alive and answering
-                logger.info("watchdog: %s's queue is full; its probe waits for the next round", model)
+            if _QUEUE_FULL in reason or _QUEUE_TIMEOUT in reason:  # busy: Triton's queue answered for the model
+                logger.info("watchdog: %s is busy (%s); its probe waits for the next round", model, reason)
+                self._timeouts.pop(model, None)
                 return None
+            if _clock() - started >= self.probe_timeout_s:
+                # A long queue of long generations can outlast one probe; a hung model outlasts two.
+                self._timeouts[model] = self._timeouts.get(model, 0) + 1
+                if self._timeouts[model] < PROBE_TIMEOUTS_FOR_FAULT:
+                    logger.warning("watchdog: %s's probe had no answer in %.0f s; one more and it is a fault",
+                                   model, self.probe_timeout_s)
+                    return None
+            self._timeouts.pop(model, None)
             return reason
+        self._timeouts.pop(model, None)
         return None
 
     def _recover(self, fault: Fault, stop: threading.Event) -> None:
@@ -114,9 +136,10 @@ class Watchdog:
                          fault.reason, attempt, MAX_FAILED_RESTARTS)
             try:
                 self.server.restart()
-            except ServerStartError as error:
+            except Exception as error:  # any failure to start (ENOMEM from fork too) is one failed attempt
                 logger.error("watchdog: restart failed: %s", error)
-                if stop.is_set():
+                # Give what the last attempt held (GPU memory of killed stubs, ports) time to be released.
+                if stop.wait(self.restart_backoff_s * attempt):
                     return
                 continue
             with self._restarted:

@@ -75,7 +75,7 @@ def test_a_failed_probe_is_a_fault_of_that_model_without_the_log_tail(server_fac
 def test_a_server_process_that_exited_is_a_fault_and_is_restarted_until_it_serves(server_factory: Any) -> None:
     server = server_factory(failing_restarts=2)
     server.close()
-    watchdog = Watchdog(server, interval_s=60)
+    watchdog = Watchdog(server, interval_s=60, restart_backoff_s=0)
     assert watchdog.check() == Fault(None, "tritonserver exited (exit code 0)")
     stop = threading.Event()
     runner = threading.Thread(target=watchdog.run, args=(stop,))
@@ -93,7 +93,7 @@ def test_a_server_process_that_exited_is_a_fault_and_is_restarted_until_it_serve
 def test_the_watchdog_gives_up_after_restarts_that_keep_failing(server_factory: Any) -> None:
     server = server_factory({"tiny-sd15": "[500] Stub process 'tiny-sd15_0_0' is not healthy."},
                             failing_restarts=watchdog_module.MAX_FAILED_RESTARTS)
-    watchdog = Watchdog(server)
+    watchdog = Watchdog(server, restart_backoff_s=0)
     fault = watchdog.check()
     assert fault is not None
     with pytest.raises(WatchdogGaveUpError, match="could not be brought back after 3 restarts"):
@@ -137,3 +137,18 @@ def test_serve_refuses_watchdog_settings_that_cannot_work(
     with pytest.raises(SystemExit):
         parse_arguments(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_a_queue_timeout_is_busy_and_a_probe_without_answer_is_a_fault_only_the_second_time(
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    busy = server_factory({"tiny-flux": "[503] Request timeout expired"})
+    assert Watchdog(busy).check() is None
+    hung = server_factory({"tiny-flux": "timed out"})
+    watchdog = Watchdog(hung, probe_timeout_s=30)
+    clock = iter([0.0, 30.0, 100.0, 130.0, 200.0, 201.0])  # two probes that used all their time, then a quick one
+    monkeypatch.setattr(watchdog_module, "_clock", lambda: next(clock))
+    assert watchdog._probe("tiny-flux") is None
+    assert watchdog._probe("tiny-flux") == "probe inference on 'tiny-flux' failed: timed out"
+    # A probe that fails quickly is a fault at once.
+    assert watchdog._probe("tiny-flux") == "probe inference on 'tiny-flux' failed: timed out"
