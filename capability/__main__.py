@@ -241,13 +241,17 @@ def _generate_with_progress(generator: TextToImage, arguments: argparse.Namespac
                             options: dict[str, Any]) -> dict[str, Any]:
     bar = ProgressBar(sys.stderr)
     generation = Generation(lambda cancellation: generator.text_to_image(
-        arguments.entity, arguments.cap, arguments.prompt, options, on_progress=bar.show, cancellation=cancellation))
+        arguments.entity, arguments.cap, arguments.prompt, options, on_progress=bar.show, cancellation=cancellation),
+        cleanup=generator.release_thread_clients)
     try:
         return generation.result()
     except KeyboardInterrupt:
-        bar.close("cancelling…")
+        bar.close("cancelling… (Ctrl-C again to stop waiting for the server to confirm)")
         generation.cancel()
-        return generation.result()  # raises GenerationCancelledError, or the image if it was done already
+        try:
+            return generation.result()  # raises GenerationCancelledError, or the image if it was done already
+        except KeyboardInterrupt:
+            raise GenerationCancelledError("cancelled by the caller; not waiting for the server to confirm") from None
     finally:
         bar.close()
 

@@ -258,7 +258,8 @@ class TextToImage:
                 gateway = self.gateway(grant.params.server_url)
                 # A seed makes the request idempotent: while the server restarts, it is worth waiting for.
                 retry = checked.seed is not None
-                triton_model = self._when_available(lambda: gateway.resolve(model_id, streaming), retry)
+                triton_model = self._when_available(lambda: gateway.resolve(model_id, streaming), retry,
+                                                    cancellation)
                 request = contract.TextToImage(
                     checked_prompt, negative_prompt=checked.negative_prompt, width=checked.width,
                     height=checked.height, num_inference_steps=checked.steps,
@@ -269,7 +270,7 @@ class TextToImage:
                 self.renewer.add(lease, entity, capability_id)
                 if streaming:
                     generated = self._when_available(lambda: gateway.generate_streaming(
-                        triton_model, request, on_progress, cancellation), retry)
+                        triton_model, request, on_progress, cancellation), retry, cancellation)
                 else:
                     generated = self._when_available(lambda: gateway.generate(triton_model, request), retry)
                 height, width, _ = generated.image.shape
@@ -297,9 +298,10 @@ class TextToImage:
                     logger.warning("lease %s could not be released; it expires in %d s", lease, LEASE_SECONDS,
                                    exc_info=True)
 
-    def _when_available(self, call: Callable[[], Result], retry: bool) -> Result:
+    def _when_available(self, call: Callable[[], Result], retry: bool,
+                        cancellation: Cancellation | None = None) -> Result:
         """``call()``; if the server is temporarily unavailable and ``retry``, again with backoff for up to
-        ``retry_unavailable_s`` (the slot, if taken, stays held and renewed meanwhile)."""
+        ``retry_unavailable_s`` (the slot, if taken, stays held and renewed meanwhile). A cancel ends the wait."""
         deadline = time.monotonic() + self.retry_unavailable_s
         delay = _FIRST_RETRY_DELAY_S
         while True:
@@ -309,8 +311,20 @@ class TextToImage:
                 if not retry or time.monotonic() + delay >= deadline:
                     raise
                 logger.info("server temporarily unavailable; retrying a seeded request in %.1f s", delay)
-                time.sleep(delay)
+                if cancellation is None:
+                    time.sleep(delay)
+                elif cancellation.wait(delay):
+                    raise GenerationCancelledError(
+                        "cancelled by the caller while waiting for the server to come back") from None
                 delay = min(2 * delay, _MAX_RETRY_DELAY_S)
+
+    def release_thread_clients(self) -> None:
+        """Close this thread's connections to the servers: a thread that ends would otherwise leave them open
+        until :meth:`close` (each :class:`Generation` runs in a thread of its own)."""
+        with self._lock:
+            gateways = list(self._gateways.values())
+        for gateway in gateways:
+            gateway.drop_thread_client()
 
     def _finish(self, lease: str | None, record: dict[str, Any]) -> None:
         """Audit the outcome and, if a slot was taken, free it in the same transaction."""
@@ -328,7 +342,10 @@ class Generation:
     ``run(cancellation)`` is the generation itself, e.g. a ``TextToImage.text_to_image`` call.
     """
 
-    def __init__(self, run: Callable[[Cancellation], dict[str, Any]]) -> None:
+    def __init__(self, run: Callable[[Cancellation], dict[str, Any]],
+                 cleanup: Callable[[], None] | None = None) -> None:
+        """``cleanup`` runs in the generation's thread when it ends (e.g. ``TextToImage.release_thread_clients``)."""
+        self._cleanup = cleanup
         self._cancellation = Cancellation()
         self._outcome: dict[str, Any] | BaseException | None = None
         # An Event, not Thread.join: a KeyboardInterrupt in join() can leave the thread looking finished while it
@@ -342,6 +359,11 @@ class Generation:
         except BaseException as error:  # handed to whoever calls result()
             self._outcome = error
         finally:
+            try:
+                if self._cleanup is not None:
+                    self._cleanup()
+            except Exception:  # the generation's own outcome matters more than its connections' closing
+                logger.warning("closing a finished generation's connections failed", exc_info=True)
             self._done.set()
 
     def cancel(self) -> None:

@@ -75,7 +75,8 @@ class CapabilityHandle:
         for its ``result()``."""
         generator = self.layer.generator
         return Generation(lambda cancellation: generator.text_to_image(
-            self.entity, self.id, prompt, options, on_progress=on_progress, cancellation=cancellation))
+            self.entity, self.id, prompt, options, on_progress=on_progress, cancellation=cancellation),
+            cleanup=generator.release_thread_clients)
 
     def delegate(self, restrictions: Mapping[str, Any]) -> CapabilityHandle:
         return self.layer._handle(self.layer.capabilities.delegate(self.entity, self.id, restrictions))

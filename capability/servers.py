@@ -11,6 +11,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,15 +74,22 @@ class ServerKeys:
         if not key.strip():
             raise UnknownServerError(f"the key for {url} is empty")
         if grpc_address is not None:
-            grpc_address = canonical_grpc_address(grpc_address)
+            grpc_address = canonical_grpc_address(grpc_address, url)
         with self.store.write() as db:
-            db.execute("INSERT OR REPLACE INTO servers (url, infer_key, registered_at, grpc_address) "
-                       "VALUES (?, ?, ?, ?)", (url, key.strip(), time.time(), grpc_address))
+            # Registering a new key keeps a gRPC address registered before, unless a new one is given.
+            db.execute("INSERT INTO servers (url, infer_key, registered_at, grpc_address) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (url) DO UPDATE SET infer_key = excluded.infer_key, registered_at = "
+                       "excluded.registered_at, grpc_address = COALESCE(excluded.grpc_address, grpc_address)",
+                       (url, key.strip(), time.time(), grpc_address))
         return url
 
     def grpc_address(self, server_url: str) -> str:
         """``host:port`` of the gRPC endpoint of the server at ``server_url``: streaming needs it."""
         url = canonical_server_url(server_url)
+        if url.startswith("https:"):
+            raise UnknownServerError(
+                f"{url} is served over TLS, but progress and cancellation use plain gRPC, which would carry the "
+                "key unencrypted: generate without progress there, or reach the server through a tunnel")
         description = self._local_description(url)
         address = None if description is None else description.get("grpc_address")
         if address is None:
@@ -120,11 +128,19 @@ class ServerKeys:
             return None
 
 
-def canonical_grpc_address(address: str) -> str:
-    """``host:port`` of a gRPC endpoint, checked: a host name or address and a TCP port, nothing else."""
+def canonical_grpc_address(address: str, server_url: str) -> str:
+    """``host:port`` of the gRPC endpoint of the server at ``server_url``, checked: the same host as the URL
+    (the key goes to this address too, so it must be that server's) and a TCP port. IPv6 hosts in brackets."""
+    rule = "must be HOST:PORT on the server's own host, e.g. 127.0.0.1:8001 ([::1]:8001 for IPv6)"
     host, _, port = address.strip().rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c in host for c in "/@ ?#"):
-        raise InvalidParamsError(f"grpc_address={address!r} is invalid: must be HOST:PORT, e.g. 127.0.0.1:8001")
+    bare_host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c in host for c in "/@ ?#")
+            or (":" in bare_host and bare_host == host)):
+        raise InvalidParamsError(f"grpc_address={address!r} is invalid: {rule}")
+    url_host = urllib.parse.urlsplit(server_url).hostname or ""
+    if bare_host.lower() != url_host.lower():
+        raise InvalidParamsError(f"grpc_address={address!r} is invalid: its host is not {url_host!r}, the host "
+                                 f"of {server_url}: {rule}")
     return f"{host.lower()}:{int(port)}"
 
 
@@ -203,7 +219,7 @@ class TritonGateway:
                     if cancellation is not None:
                         cancellation.bind(call)
                     for raw in call:
-                        response = grpc_wire.stream_response(raw)
+                        response = _decoded(raw, self.url)
                         if response.error:
                             raise self._stream_error(response.error)
                         if contract.IMAGE in response.outputs:
@@ -221,8 +237,10 @@ class TritonGateway:
                     where = "" if last is None else f" at step {last.steps_done} of {last.steps}"
                     raise GenerationCancelledError(
                         f"cancelled by the caller{where}; the server stops after the step it is at") from None
-                if "protocol is restricted" in details and attempt == 1:
-                    continue  # the local server restarted with a new key: read it again, once
+                if "protocol is restricted" in details:
+                    if attempt == 1:
+                        continue  # the local server restarted with a new key: read it again, once
+                    raise ServerUnavailableError(f"{self.url} refused the inference key: {details}") from None
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise TemporarilyUnavailableError(_unavailable(self.url, details)) from None
                 raise GenerationError(f"the server failed the request ({code.name}): {details}") from None
@@ -266,6 +284,10 @@ class TritonGateway:
             with self._clients_lock:
                 self._clients.append(client)
         return client
+
+    def drop_thread_client(self) -> None:
+        """Close this thread's client, if it has one (see TextToImage.release_thread_clients)."""
+        self._drop_client()
 
     def _drop_client(self) -> None:
         """Forget this thread's client after a broken connection: the next call opens a new one."""
@@ -348,14 +370,22 @@ class Cancellation:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._call: Any = None
-        self.cancelled = False
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def cancel(self) -> None:
         with self._lock:
-            self.cancelled = True
+            self._cancelled.set()
             call = self._call
         if call is not None:
             call.cancel()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, woken by a cancel; whether it was cancelled."""
+        return self._cancelled.wait(timeout_s)
 
     def bind(self, call: Any) -> None:
         """The gRPC call that a :meth:`cancel` must cancel (one already requested cancels it at once)."""
@@ -364,6 +394,19 @@ class Cancellation:
             cancelled = self.cancelled
         if cancelled:
             call.cancel()
+
+
+def _decoded(raw: bytes, url: str) -> grpc_wire.StreamResponse:
+    """A stream response, checked to be one of ours: progress (STEPS_DONE, STEPS, ELAPSED_S), the image (IMAGE,
+    SEED) or an error; anything else is the server's fault, said as such rather than as a stray KeyError."""
+    try:
+        response = grpc_wire.stream_response(raw)
+    except (ValueError, IndexError) as error:
+        raise GenerationError(f"{url} sent a malformed stream response: {error}") from None
+    names = set(response.outputs)
+    if response.error or {contract.IMAGE, contract.SEED} <= names or set(contract.PROGRESS_NAMES) <= names:
+        return response
+    raise GenerationError(f"{url} sent a stream response with outputs {sorted(names)}: neither progress nor an image")
 
 
 def _without_request_id(message: str) -> str:

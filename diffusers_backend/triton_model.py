@@ -74,7 +74,10 @@ class DiffusersTritonModel:
             logger.exception("%s: execute failed", self.service.model_id)
             outcomes = [GenerationError(f"the model failed: {type(error).__name__}: {error}")] * len(requests)
         for caller, outcome in zip(callers, outcomes, strict=True):
-            caller.finish(self._response(outcome))
+            try:
+                caller.finish(self._response(outcome))
+            except Exception:  # one caller gone wrong must not leave the others without their final response
+                logger.exception("%s: a final response could not be sent", self.service.model_id)
         return None
 
     def finalize(self) -> None:

@@ -153,7 +153,11 @@ def describe_pipeline(source: str, revision: str | None = None) -> PipelineDescr
     scheduler_path = folder / SCHEDULER_CONFIG
     scheduler: dict[str, object] = {}
     if scheduler_path.is_file():
-        loaded = json.loads(scheduler_path.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(scheduler_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise AddModelError(f"{source}: {SCHEDULER_CONFIG} cannot be read as JSON ({error}): the pipeline "
+                                "folder is damaged; fetch or save it again") from error
         scheduler = loaded if isinstance(loaded, dict) else {}
     return PipelineDescription(folder, hub_id, family, scheduler)
 

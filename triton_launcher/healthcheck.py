@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import contract, grpc_wire
-from .paths import SERVER_FILE, STATE_DIR
-from .server import PROBE_SIDE
+from .paths import INFER_KEY_FILE, SERVER_FILE, STATE_DIR
+from .server import PROBE_SIDE, state_dir_problem
 
 DEFAULT_TIMEOUT_S = 300.0
 """For all models together. A probe waits in a model's queue like any request, so a busy server needs time;
@@ -55,9 +55,14 @@ class ServerDescription:
 def read_server_description(state_dir: Path) -> ServerDescription:
     """The server the launcher described in ``state_dir``; UnhealthyError if there is none or it is unreadable."""
     server_file = state_dir / SERVER_FILE
+    # Whoever could write in the state dir could name another server in server.json and have the key sent
+    # there: trust only a private state dir, and read the key from its fixed file name.
+    problem = state_dir_problem(state_dir) if state_dir.is_dir() else None
+    if problem:
+        raise UnhealthyError(problem)
     try:
         description = json.loads(server_file.read_text(encoding="utf-8"))
-        infer_key = (state_dir / description["infer_key_file"]).read_text(encoding="utf-8").strip()
+        infer_key = (state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip()
         return ServerDescription(
             http_address=urllib.parse.urlsplit(description["url"]).netloc,
             grpc_address=description["grpc_address"],

@@ -442,4 +442,17 @@ def test_a_version_1_store_is_migrated_keeping_its_rows_and_registered_servers_g
     assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
     with pytest.raises(InvalidParamsError, match="grpc_address='gpu' is invalid: must be HOST:PORT"):
         keys.register("http://gpu:8000", "k2", grpc_address="gpu")
+    # The key goes to that address too: it must be on the server's own host.
+    with pytest.raises(InvalidParamsError, match="its host is not 'gpu', the host of http://gpu:8000"):
+        keys.register("http://gpu:8000", "k2", grpc_address="elsewhere:8001")
+    with pytest.raises(InvalidParamsError, match=r"\[::1\]:8001 for IPv6"):
+        keys.register("http://[::1]:8000", "k2", grpc_address="::1:8001")
+    keys.register("http://[::1]:8000", "k2", grpc_address="[::1]:8001")
+    assert keys.grpc_address("http://[::1]:8000") == "[::1]:8001"
+    # A new key alone keeps the registered address.
+    keys.register("http://gpu:8000", "k3")
+    assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
+    keys.register("https://tls:8443", "k", grpc_address="tls:8001")
+    with pytest.raises(UnknownServerError, match="plain gRPC, which would carry the key unencrypted"):
+        keys.grpc_address("https://tls:8443")
     store.close()

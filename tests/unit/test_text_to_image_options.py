@@ -230,3 +230,26 @@ def test_only_requests_with_a_seed_are_retried_while_the_server_is_temporarily_u
     with pytest.raises(TemporarilyUnavailableError):
         impatient._when_available(down_twice, retry=True)
     assert len(attempts) == 1
+
+
+def test_a_cancel_ends_the_wait_for_a_restarting_server_and_a_generation_cleans_up_its_thread(
+    tmp_path: Path,
+) -> None:
+    from capability import generation
+    from capability.errors import GenerationCancelledError, TemporarilyUnavailableError
+    from capability.servers import Cancellation
+    from capability.store import Store
+
+    def down() -> str:
+        raise TemporarilyUnavailableError("restarting")
+
+    patient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=600)
+    cancellation = Cancellation()
+    cancellation.cancel()
+    with pytest.raises(GenerationCancelledError, match="while waiting for the server to come back"):
+        patient._when_available(down, retry=True, cancellation=cancellation)
+
+    cleaned: list[str] = []
+    finished = generation.Generation(lambda _: {"image": "…"}, cleanup=lambda: cleaned.append("closed"))
+    assert finished.result(60) == {"image": "…"}
+    assert cleaned == ["closed"]
