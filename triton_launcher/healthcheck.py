@@ -19,11 +19,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from . import contract, grpc_wire
 from .paths import INFER_KEY_FILE, SERVER_FILE, STATE_DIR
-from .server import PROBE_SIDE, state_dir_problem
+from .server import PROBE_SIDE, probe_inference, state_dir_problem
 
 DEFAULT_TIMEOUT_S = 300.0
 """For all models together. A probe waits in a model's queue like any request, so a busy server needs time;
@@ -79,48 +77,15 @@ def read_server_description(state_dir: Path) -> ServerDescription:
         raise UnhealthyError(f"cannot read the server description in {state_dir}: {error!r}") from error
 
 
-def probe_request() -> contract.TextToImage:
-    """The launcher's start-up probe: cheap on any device, a valid size for every family."""
-    return contract.TextToImage("health check", width=PROBE_SIDE, height=PROBE_SIDE, num_inference_steps=1, seed=0)
-
-
 def probe_model(server: ServerDescription, model: str, timeout_s: float) -> None:
     """One real inference on ``model``; UnhealthyError unless it returns a PROBE_SIDE x PROBE_SIDE RGB image."""
     try:
-        if model in server.streaming_models:
-            image = _stream_probe(server, model, timeout_s)
-        else:
-            image = _http_probe(server, model, timeout_s)
-    except UnhealthyError:
-        raise
+        image = probe_inference(server.http_address, server.grpc_address, model, server.headers(),
+                                streaming=model in server.streaming_models, timeout_s=timeout_s)
     except Exception as error:  # whatever the client raised, the model did not answer: report it as such
         raise UnhealthyError(f"{model}: inference failed: {error}") from error
     if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
         raise UnhealthyError(f"{model}: returned an image of shape {image.shape}, not ({PROBE_SIDE}, {PROBE_SIDE}, 3)")
-
-
-def _http_probe(server: ServerDescription, model: str, timeout_s: float) -> Any:
-    import tritonclient.http
-
-    with tritonclient.http.InferenceServerClient(server.http_address, connection_timeout=timeout_s,
-                                                 network_timeout=timeout_s) as client:
-        result = client.infer(model, probe_request().http_inputs(), outputs=contract.http_outputs(),
-                              headers=server.headers())
-    return contract.read_result(result).image
-
-
-def _stream_probe(server: ServerDescription, model: str, timeout_s: float) -> Any:
-    request = grpc_wire.infer_request(model, probe_request().arrays())
-    with grpc_wire.channel(server.grpc_address) as channel:
-        call = grpc_wire.stream_infer(channel, request, server.headers(), timeout_s)
-        for message in call:
-            response = grpc_wire.stream_response(message)
-            if response.error:
-                raise UnhealthyError(f"{model}: inference failed: {response.error}")
-            if contract.IMAGE in response.outputs:
-                call.cancel()  # the image is the stream's last response: no need to wait for its end
-                return response.outputs[contract.IMAGE][0]
-    raise UnhealthyError(f"{model}: the stream ended without an image")
 
 
 def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:

@@ -194,6 +194,34 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def probe_inference(http_address: str, grpc_address: str, model: str, headers: dict[str, str], *,
+                    streaming: bool, timeout_s: float) -> Any:
+    """The image of one small real inference on ``model`` (a PROBE_SIDE square, one step): over HTTP, or over
+    a gRPC stream for a streaming (decoupled) model, which Triton serves no other way. Raises what the client
+    raises, or RuntimeError for an error in the stream. The start-up probe, the watchdog and the health check."""
+    request = contract.TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE, num_inference_steps=1,
+                                   seed=0)
+    if not streaming:
+        import tritonclient.http
+
+        with tritonclient.http.InferenceServerClient(http_address, connection_timeout=timeout_s,
+                                                     network_timeout=timeout_s) as client:
+            # A copy: tritonclient adds its own headers to the dict it is given.
+            result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                                  headers=dict(headers))
+        return contract.read_result(result).image
+    with grpc_wire.channel(grpc_address) as channel:
+        call = grpc_wire.stream_infer(channel, grpc_wire.infer_request(model, request.arrays()), headers, timeout_s)
+        for message in call:
+            response = grpc_wire.stream_response(message)
+            if response.error:
+                raise RuntimeError(response.error)
+            if contract.IMAGE in response.outputs:
+                call.cancel()  # the image is the stream's last response: end it now
+                return response.outputs[contract.IMAGE][0]
+    raise RuntimeError("the stream ended without an image")
+
+
 class TritonServer:
     """One tritonserver process and the state dir describing it."""
 
@@ -320,34 +348,15 @@ class TritonServer:
 
     def probe(self, model: str, timeout_s: float = 300.0) -> None:
         """One small real inference on ``model``; raise ServerStartError unless it returns a right-sized image."""
-        request = contract.TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE,
-                                       num_inference_steps=1, seed=0)
         try:
-            if model in self.streaming_models:  # Triton serves a decoupled model over gRPC streams only
-                image = self._stream_probe(model, request, timeout_s)
-            else:
-                with self.http_client(timeout_s=timeout_s) as client:
-                    result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                          headers=self.headers)
-                image = contract.read_result(result).image
+            image = probe_inference(f"{LOOPBACK}:{self.options.http_port}",
+                                    f"{LOOPBACK}:{server_ports(self.options)['grpc']}", model, self.headers,
+                                    streaming=model in self.streaming_models, timeout_s=timeout_s)
         except Exception as error:
             self._check_alive()
             raise ServerStartError(self._with_log(f"probe inference on {model!r} failed: {error}")) from error
         if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
             raise ServerStartError(f"probe inference on {model!r} returned an image of shape {image.shape}")
-
-    def _stream_probe(self, model: str, request: contract.TextToImage, timeout_s: float) -> Any:
-        with grpc_wire.channel(f"{LOOPBACK}:{server_ports(self.options)['grpc']}") as channel:
-            call = grpc_wire.stream_infer(channel, grpc_wire.infer_request(model, request.arrays()), self.headers,
-                                          timeout_s)
-            for message in call:
-                response = grpc_wire.stream_response(message)
-                if response.error:
-                    raise RuntimeError(response.error)
-                if contract.IMAGE in response.outputs:
-                    call.cancel()  # the image is the last response: end the stream now
-                    return response.outputs[contract.IMAGE][0]
-        raise RuntimeError("the stream ended without an image")
 
     def http_client(self, timeout_s: float = 600.0, concurrency: int = 1) -> Any:
         """A ``tritonclient.http.InferenceServerClient`` for this server; pass :attr:`headers` to ``infer``."""
