@@ -3,6 +3,8 @@
 Light by design: no torch or diffusers, so host applications can embed it. See README.md ("Capabilities").
 """
 
+from inference_client.contract import Progress
+
 from .capabilities import GENERATE, MINT, Capabilities, Capability, GenerateParams
 from .errors import (
     CapabilityError,
@@ -22,7 +24,6 @@ from .errors import (
 )
 from .generation import Generation
 from .layer import CapabilityHandle, CapabilityLayer
-from .servers import Progress
 
 __all__ = [
     "GENERATE", "MINT", "Capabilities", "Capability", "CapabilityError", "CapabilityHandle", "CapabilityLayer",

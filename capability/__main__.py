@@ -18,12 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from triton_launcher.paths import STATE_DIR
+from inference_client.contract import Progress
+from inference_client.state import STATE_DIR
 
 from .capabilities import Capabilities, Capability
 from .errors import CapabilityError, GenerationCancelledError, StoreError
 from .generation import Generation, TextToImage
-from .servers import Progress, ServerKeys
+from .servers import ServerKeys
 from .store import STORE_FILE, Store
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from diffusers_backend.errors import describe_value
+from inference_client.contract import describe_value
 
 from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
 from .store import Store

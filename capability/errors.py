@@ -6,7 +6,7 @@ contains a prompt in full or a key.
 
 from __future__ import annotations
 
-from diffusers_backend.errors import describe_value
+from inference_client.contract import describe_value
 
 
 class CapabilityError(Exception):

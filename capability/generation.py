@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diffusers_backend.settings import DEFAULT_MAX_PROMPT_BYTES
-from diffusers_backend.validation import MAX_SEED
-from triton_launcher import contract
+from inference_client import contract
+from inference_client.contract import DEFAULT_MAX_PROMPT_BYTES, MAX_SEED, Progress
 
 from .capabilities import LEASE_SECONDS, Capabilities, Grant
 from .errors import (
@@ -30,7 +29,7 @@ from .errors import (
     TemporarilyUnavailableError,
 )
 from .png import encode_png_base64
-from .servers import Cancellation, Progress, ServerKeys, TritonGateway
+from .servers import Cancellation, ServerKeys, TritonGateway
 from .store import Store
 
 logger = logging.getLogger(__name__)

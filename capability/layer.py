@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from triton_launcher.paths import STATE_DIR
+from inference_client.contract import Progress
+from inference_client.state import STATE_DIR
 
 from .capabilities import Capabilities, Capability
 from .generation import RETRY_UNAVAILABLE_S, Generation, TextToImage
-from .servers import Progress
 from .store import STORE_FILE, Store
 
 

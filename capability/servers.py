@@ -8,21 +8,28 @@ again when the server answers 403); keys of other servers are registered in the 
 from __future__ import annotations
 
 import http.client
-import json
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from triton_launcher import contract, grpc_wire
-from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
-from triton_launcher.server import state_dir_problem
+from inference_client import contract, triton
+from inference_client.contract import Progress
+from inference_client.state import (
+    NoServerError,
+    ServerDescription,
+    StateDirError,
+    UntrustedStateDirError,
+    http_key_headers,
+    read_server_description,
+)
 
 from .capabilities import canonical_server_url
 from .errors import (
+    CapabilityError,
     GenerationCancelledError,
     GenerationError,
     InvalidParamsError,
@@ -34,6 +41,8 @@ from .errors import (
     UnknownServerError,
 )
 from .store import Store
+
+Result = TypeVar("Result")
 
 CLIENT_TIMEOUT_S = 900.0
 """Generations take seconds to minutes; tritonclient's default of 60 s would cut long ones off."""
@@ -91,7 +100,7 @@ class ServerKeys:
                 f"{url} is served over TLS, but progress and cancellation use plain gRPC, which would carry the "
                 "key unencrypted: generate without progress there, or reach the server through a tunnel")
         description = self._local_description(url)
-        address = None if description is None else description.get("grpc_address")
+        address = None if description is None else description.grpc_address
         if address is None:
             row = self.store.read().execute("SELECT grpc_address FROM servers WHERE url = ?", (url,)).fetchone()
             address = None if row is None else row["grpc_address"]
@@ -104,28 +113,21 @@ class ServerKeys:
             )
         return address
 
-    def _local_description(self, url: str) -> dict[str, Any] | None:
+    def _local_description(self, url: str) -> ServerDescription | None:
+        """The launcher's server in the state dir, if it serves ``url``."""
         if self.state_dir is None or not self.state_dir.is_dir():
             return None
-        problem = state_dir_problem(self.state_dir)
-        if problem:  # whoever could write server.json could have the key sent to a server of theirs
-            raise UnknownServerError(problem)
         try:
-            description = json.loads((self.state_dir / SERVER_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            description = read_server_description(self.state_dir)
+        except UntrustedStateDirError as error:  # whoever could write there could have the key sent elsewhere
+            raise UnknownServerError(str(error)) from None
+        except (NoServerError, StateDirError):
             return None
-        if not isinstance(description, dict) or canonical_server_url(str(description.get("url", ""))) != url:
-            return None
-        return description
+        return description if canonical_server_url(description.url) == url else None
 
     def _local_key(self, url: str) -> str | None:
-        if self._local_description(url) is None:
-            return None
-        assert self.state_dir is not None
-        try:
-            return (self.state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip() or None
-        except OSError:
-            return None
+        description = self._local_description(url)
+        return None if description is None else description.infer_key
 
 
 def canonical_grpc_address(address: str, server_url: str) -> str:
@@ -198,63 +200,66 @@ class TritonGateway:
         )
 
     def generate(self, triton_model: str, request: contract.TextToImage) -> contract.GeneratedImage:
-        result = self._call(lambda client, headers: client.infer(
-            triton_model, request.http_inputs(), outputs=contract.http_outputs(), headers=headers))
-        return contract.read_result(result)
+        return self._call(lambda client, key: triton.infer_http(client, triton_model, request, key))
 
     def generate_streaming(self, triton_model: str, request: contract.TextToImage,
                            on_progress: Callable[[Progress], None] | None,
                            cancellation: Cancellation | None) -> contract.GeneratedImage:
         """Generate on a streaming variant over gRPC: ``on_progress`` hears of every denoising step, and
         ``cancellation.cancel()`` cancels the call, which stops the server's work after the current step."""
-        import grpc
+        from tritonclient.utils import InferenceServerException
 
-        message = grpc_wire.infer_request(triton_model, request.arrays())
         for attempt in (1, 2):
-            headers = {INFER_KEY_HEADER: self.keys.key_for(self.url)}
+            key = self.keys.key_for(self.url)
             last: Progress | None = None
             try:
-                with grpc_wire.channel(self.keys.grpc_address(self.url)) as channel:
-                    call = grpc_wire.stream_infer(channel, message, headers, CLIENT_TIMEOUT_S)
+                with triton.ImageStream(self.keys.grpc_address(self.url), triton_model, request, key,
+                                        CLIENT_TIMEOUT_S) as stream:
                     if cancellation is not None:
-                        cancellation.bind(call)
-                    for raw in call:
-                        response = _decoded(raw, self.url)
-                        if response.error:
-                            raise self._stream_error(response.error)
-                        if contract.IMAGE in response.outputs:
-                            call.cancel()  # the image is the last response: end the stream now
-                            return contract.GeneratedImage(
-                                image=response.outputs[contract.IMAGE][0],
-                                seed=int(response.outputs[contract.SEED].reshape(-1)[0]))
-                        last = Progress.of(response.outputs)
+                        cancellation.bind(stream)
+                    for event in stream:
+                        if isinstance(event, contract.GeneratedImage):
+                            return event
+                        last = event
                         if on_progress is not None:
-                            on_progress(last)
+                            on_progress(event)
                 raise GenerationError(f"{self.url} ended the stream without an image")
-            except grpc.RpcError as error:
-                code, details = error.code(), error.details() or str(error.code())
+            except (InferenceServerException, triton.StreamCancelledError, triton.StreamError) as error:
                 if cancellation is not None and cancellation.cancelled:
                     where = "" if last is None else f" at step {last.steps_done} of {last.steps}"
                     raise GenerationCancelledError(
                         f"cancelled by the caller{where}; the server stops after the step it is at") from None
-                if "protocol is restricted" in details:
-                    if attempt == 1:
-                        continue  # the local server restarted with a new key: read it again, once
-                    raise ServerUnavailableError(f"{self.url} refused the inference key: {details}") from None
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise TemporarilyUnavailableError(_unavailable(self.url, details)) from None
-                raise GenerationError(f"the server failed the request ({code.name}): {details}") from None
+                failure = self._stream_failure(error)
+                if type(failure) is ServerUnavailableError and attempt == 1:
+                    continue  # the local server restarted with a new key: read it again, once
+                raise failure from None
         raise AssertionError("unreachable")
+
+    def _stream_failure(self, error: Exception) -> CapabilityError:
+        """What a broken stream means for the caller."""
+        if isinstance(error, triton.StreamError):
+            return GenerationError(f"{self.url} sent a malformed stream: {error}")
+        if isinstance(error, triton.StreamCancelledError):  # only a Cancellation cancels, and it was not asked
+            return GenerationError(f"the stream to {self.url} was cancelled: {error}")
+        status, message = error.status(), _without_request_id(error.message() or str(error))  # type: ignore[attr-defined]
+        if "protocol is restricted" in message:
+            return ServerUnavailableError(f"{self.url} refused the inference key: {message}")
+        if status is None:  # the model's own error response
+            return self._stream_error(message)
+        if status in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"):
+            return TemporarilyUnavailableError(_unavailable(self.url, message))
+        return GenerationError(f"the server failed the request ({status.removeprefix('StatusCode.')}): {message}")
 
     def _stream_error(self, message: str) -> ServerError:
         if (reason := _queue_refusal(message)) is not None:
             return ServerBusyError(f"{self.url} is busy: {reason}; retry later")
         if _STUB_DIED in message:
             return TemporarilyUnavailableError(_unavailable(self.url, message))
-        return GenerationError(f"the server refused the request: {_as_options(_without_request_id(message))}")
+        return GenerationError(f"the server refused the request: {_as_options(message)}")
 
     def _fetch_models(self) -> ServedModels:
-        def fetch(client: Any, headers: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        def fetch(client: Any, key: str) -> tuple[dict[str, str], dict[str, str]]:
+            headers = http_key_headers(key)
             served: dict[str, str] = {}
             streaming: dict[str, str] = {}
             for entry in client.get_model_repository_index(headers=headers):
@@ -273,13 +278,8 @@ class TritonGateway:
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            import tritonclient.http
-
             scheme, _, address = self.url.partition("://")
-            client = tritonclient.http.InferenceServerClient(
-                address, ssl=scheme == "https", connection_timeout=CLIENT_TIMEOUT_S,
-                network_timeout=CLIENT_TIMEOUT_S,
-            )
+            client = triton.http_client(address, timeout_s=CLIENT_TIMEOUT_S, ssl=scheme == "https")
             self._local.client = client
             with self._clients_lock:
                 self._clients.append(client)
@@ -299,13 +299,14 @@ class TritonGateway:
                     self._clients.remove(client)
             client.close()
 
-    def _call(self, call: Any) -> Any:
+    def _call(self, call: Callable[[Any, str], Result]) -> Result:
+        """``call(client, key)`` with this thread's HTTP client and the server's key, its errors as ours."""
         from tritonclient.utils import InferenceServerException
 
         for attempt in (1, 2):
-            headers = {INFER_KEY_HEADER: self.keys.key_for(self.url)}
+            key = self.keys.key_for(self.url)
             try:
-                return call(self._client(), headers)
+                return call(self._client(), key)
             except InferenceServerException as error:
                 status, message = error.status(), error.message() or str(error)
                 if status == "403" and attempt == 1:
@@ -349,27 +350,12 @@ def _queue_refusal(message: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Where a streaming generation is: ``steps_done`` of ``steps`` denoising steps, ``elapsed_s`` seconds in."""
-
-    steps_done: int
-    steps: int
-    elapsed_s: float
-
-    @classmethod
-    def of(cls, outputs: dict[str, Any]) -> Progress:
-        return cls(steps_done=int(outputs[contract.STEPS_DONE].reshape(-1)[0]),
-                   steps=int(outputs[contract.STEPS].reshape(-1)[0]),
-                   elapsed_s=float(outputs[contract.ELAPSED_S].reshape(-1)[0]))
-
-
 class Cancellation:
     """Cancels a streaming generation from any thread: before it starts, or while it runs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._call: Any = None
+        self._stream: triton.ImageStream | None = None
         self._cancelled = threading.Event()
 
     @property
@@ -379,34 +365,21 @@ class Cancellation:
     def cancel(self) -> None:
         with self._lock:
             self._cancelled.set()
-            call = self._call
-        if call is not None:
-            call.cancel()
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``, woken by a cancel; whether it was cancelled."""
         return self._cancelled.wait(timeout_s)
 
-    def bind(self, call: Any) -> None:
-        """The gRPC call that a :meth:`cancel` must cancel (one already requested cancels it at once)."""
+    def bind(self, stream: triton.ImageStream) -> None:
+        """The stream that a :meth:`cancel` must cancel (one already requested cancels it at once)."""
         with self._lock:
-            self._call = call
+            self._stream = stream
             cancelled = self.cancelled
         if cancelled:
-            call.cancel()
-
-
-def _decoded(raw: bytes, url: str) -> grpc_wire.StreamResponse:
-    """A stream response, checked to be one of ours: progress (STEPS_DONE, STEPS, ELAPSED_S), the image (IMAGE,
-    SEED) or an error; anything else is the server's fault, said as such rather than as a stray KeyError."""
-    try:
-        response = grpc_wire.stream_response(raw)
-    except (ValueError, IndexError) as error:
-        raise GenerationError(f"{url} sent a malformed stream response: {error}") from None
-    names = set(response.outputs)
-    if response.error or {contract.IMAGE, contract.SEED} <= names or set(contract.PROGRESS_NAMES) <= names:
-        return response
-    raise GenerationError(f"{url} sent a stream response with outputs {sorted(names)}: neither progress nor an image")
+            stream.cancel()
 
 
 def _without_request_id(message: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from triton_launcher.server import state_dir_problem
+from inference_client.state import state_dir_problem
 
 from .errors import StoreError
 

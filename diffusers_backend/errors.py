@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from inference_client.contract import describe_value
+
 
 class DiffusersBackendError(Exception):
     """Root of every error this package raises on purpose."""
@@ -47,14 +49,3 @@ class GenerationError(DiffusersBackendError):
 
 class RequestCancelledError(DiffusersBackendError):
     """The caller cancelled the request (Triton saw its gRPC call cancelled): no more is computed for it."""
-
-
-_MAX_SHOWN_CHARS = 48
-
-
-def describe_value(value: object) -> str:
-    """A short, safe rendering of a received value for an error message (long prompts are cut)."""
-    text = repr(value)
-    if len(text) > _MAX_SHOWN_CHARS:
-        return f"{text[:_MAX_SHOWN_CHARS]}…({len(text)} chars)"
-    return text

@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from inference_client.contract import DEFAULT_MAX_PROMPT_BYTES
+
 from .errors import ModelConfigError
 
 TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile``'s modes (https://docs.pytorch.org/docs/stable/generated/torch.compile.html)."""
-DEFAULT_MAX_PROMPT_BYTES = 4096
-"""Longest prompt accepted by default, in UTF-8 bytes (the capability layer applies the same bound)."""
 MAX_T5_SEQUENCE_LENGTH = 512
 """diffusers' SD3 and FLUX pipelines refuse a longer max_sequence_length (their check_inputs)."""
 

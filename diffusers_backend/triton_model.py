@@ -22,7 +22,7 @@ from .metrics import ModelMetrics
 from .service import DiffusersService, GeneratedImage, Outcome
 from .settings import ModelSettings
 
-# The streaming variant's progress outputs (triton_launcher/contract.py names them for clients).
+# The streaming variant's progress outputs (inference_client/contract.py names them for clients).
 STEPS_DONE, STEPS, ELAPSED_S = "STEPS_DONE", "STEPS", "ELAPSED_S"
 
 logger = logging.getLogger(__name__)

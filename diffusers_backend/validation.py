@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inference_client.contract import MAX_SEED
+
 from .errors import MISSING, InvalidRequestError, ModelConfigError, Shown
 from .families import PipelineTraits
 from .settings import ModelSettings
 
-MAX_SEED = 2**63 - 1
-"""Largest seed accepted: the SEED tensor is INT64 and torch seeds are unsigned."""
 MAX_DRAWN_SEED = 2**53 - 1
 """Seeds drawn for unseeded requests stay below this, so they survive JSON and JavaScript numbers exactly."""
 

@@ -16,8 +16,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from inference_client.state import STATE_DIR
+
 from .errors import LauncherError
-from .paths import MODEL_REPOSITORY, STATE_DIR, TINY_REPOSITORY
+from .paths import MODEL_REPOSITORY, TINY_REPOSITORY
 from .server import DEFAULT_HTTP_PORT, LOOPBACK, ServerOptions, TritonServer
 from .watchdog import DEFAULT_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S, Watchdog
 

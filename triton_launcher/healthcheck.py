@@ -13,15 +13,12 @@ server description failed, else 0.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import INFER_KEY_FILE, SERVER_FILE, STATE_DIR
-from .server import PROBE_SIDE, probe_inference, state_dir_problem
+from inference_client import triton
+from inference_client.state import STATE_DIR, ServerDescription, StateDirError, read_server_description
 
 DEFAULT_TIMEOUT_S = 300.0
 """For all models together. A probe waits in a model's queue like any request, so a busy server needs time;
@@ -32,60 +29,16 @@ class UnhealthyError(Exception):
     """The server cannot be checked, or a model did not answer as it should."""
 
 
-@dataclass(frozen=True)
-class ServerDescription:
-    """What a client needs from the state dir to reach the launcher's server."""
-
-    http_address: str
-    """``host:port``, as tritonclient wants it."""
-    grpc_address: str
-    models: tuple[str, ...]
-    streaming_models: frozenset[str]
-    infer_key_header: str
-    infer_key: str
-
-    def headers(self) -> dict[str, str]:
-        """A new dict for every request: tritonclient.http's ``infer`` adds its own headers (an int among them,
-        which gRPC metadata rejects) to the dict it is given."""
-        return {self.infer_key_header: self.infer_key}
-
-
-def read_server_description(state_dir: Path) -> ServerDescription:
-    """The server the launcher described in ``state_dir``; UnhealthyError if there is none or it is unreadable."""
-    server_file = state_dir / SERVER_FILE
-    # Whoever could write in the state dir could name another server in server.json and have the key sent
-    # there: trust only a private state dir, and read the key from its fixed file name.
-    problem = state_dir_problem(state_dir) if state_dir.is_dir() else None
-    if problem:
-        raise UnhealthyError(problem)
-    try:
-        description = json.loads(server_file.read_text(encoding="utf-8"))
-        infer_key = (state_dir / INFER_KEY_FILE).read_text(encoding="utf-8").strip()
-        return ServerDescription(
-            http_address=urllib.parse.urlsplit(description["url"]).netloc,
-            grpc_address=description["grpc_address"],
-            models=tuple(description["models"]),
-            streaming_models=frozenset(description.get("streaming_models", ())),
-            infer_key_header=description["infer_key_header"],
-            infer_key=infer_key,
-        )
-    except FileNotFoundError as error:
-        # The launcher writes server.json once every model has passed its start-up probe, and removes it on stop.
-        raise UnhealthyError(f"{error.filename} does not exist: no server is serving from {state_dir} "
-                             "(still starting, stopped, or another --state-dir)") from error
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UnhealthyError(f"cannot read the server description in {state_dir}: {error!r}") from error
-
-
 def probe_model(server: ServerDescription, model: str, timeout_s: float) -> None:
     """One real inference on ``model``; UnhealthyError unless it returns a PROBE_SIDE x PROBE_SIDE RGB image."""
     try:
-        image = probe_inference(server.http_address, server.grpc_address, model, server.headers(),
-                                streaming=model in server.streaming_models, timeout_s=timeout_s)
+        image = triton.probe_inference(server.http_address, server.grpc_address, model, server.infer_key,
+                                       streaming=model in server.streaming_models, timeout_s=timeout_s)
     except Exception as error:  # whatever the client raised, the model did not answer: report it as such
         raise UnhealthyError(f"{model}: inference failed: {error}") from error
-    if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
-        raise UnhealthyError(f"{model}: returned an image of shape {image.shape}, not ({PROBE_SIDE}, {PROBE_SIDE}, 3)")
+    if image.shape != (triton.PROBE_SIDE, triton.PROBE_SIDE, 3):
+        side = triton.PROBE_SIDE
+        raise UnhealthyError(f"{model}: returned an image of shape {image.shape}, not ({side}, {side}, 3)")
 
 
 def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
@@ -95,7 +48,7 @@ def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
     """
     try:
         server = read_server_description(state_dir)
-    except UnhealthyError as error:
+    except StateDirError as error:
         return [str(error)]
     deadline = time.monotonic() + timeout_s
     failures = []

@@ -1,4 +1,7 @@
-"""Where things live by default: each location is defined here once."""
+"""Where the launcher's things live by default: each location is defined here once.
+
+The state dir and the files a client reads there (the key, ``server.json``) are in :mod:`inference_client.state`.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +17,6 @@ CACHE_DIR = Path(os.environ.get("TRITON_DIFFUSERS_CACHE", PROJECT_ROOT / ".cache
 TINY_PIPELINES = CACHE_DIR / "tiny" / "pipelines"
 TINY_REPOSITORY = CACHE_DIR / "tiny" / "model_repository"
 
-STATE_DIR = Path(os.environ.get("TRITON_DIFFUSERS_STATE", PROJECT_ROOT / ".state"))
-"""Per-server runtime state: the inference key, the server description, the log."""
-
-INFER_KEY_FILE = "infer-key"
-"""File in the state dir holding the inference API key (mode 0600)."""
-SERVER_FILE = "server.json"
-"""File in the state dir describing the running server: its URLs, pid and models (never the key)."""
 LOG_FILE = "tritonserver.log"
 STATE_LOCK_FILE = "lock"
 """Held (flock) by the launcher while its server runs: one server per state dir."""
-
-INFER_KEY_HEADER = "infer-key"
-"""HTTP header (and gRPC metadata key) that carries the inference key: Triton's restricted-API setting."""

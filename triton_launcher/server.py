@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -29,10 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from . import contract, grpc_wire
+from inference_client import triton
+from inference_client.state import (
+    INFER_KEY_FILE,
+    INFER_KEY_HEADER,
+    SERVER_FILE,
+    STATE_DIR,
+    http_key_headers,
+    state_dir_problem,
+)
+
 from .errors import ServerStartError
 from .installation import TritonInstallation, find_installation
-from .paths import INFER_KEY_FILE, INFER_KEY_HEADER, LOG_FILE, SERVER_FILE, STATE_DIR, STATE_LOCK_FILE
+from .paths import LOG_FILE, STATE_LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +50,6 @@ RESTRICTED_API_GROUPS = (
     "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace", "logging",
 )
 """Triton API groups that need the key: all but ``health`` and ``metadata``, which probes and clients use."""
-PROBE_SIDE = 64
-"""Side of the readiness probe's image: a multiple of every family's size multiple, cheap on any device."""
 RESTART_STOP_TIMEOUT_S = 10.0
 """A server restarted for a fault gets this long to finish in-flight requests. With a dead stub it does not
 exit by itself (it waits for the stub's requests, which never finish), so this is how long a restart waits."""
@@ -167,18 +173,6 @@ def prepare_state_dir(state_dir: Path) -> None:
         raise ServerStartError(problem)
 
 
-def state_dir_problem(state_dir: Path) -> str | None:
-    """Why ``state_dir`` cannot be trusted with a key (None if it can): it must be a directory of this user
-    that nobody else can write to."""
-    status = state_dir.stat()
-    if not stat.S_ISDIR(status.st_mode):
-        return f"state dir {state_dir} is not a directory"
-    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"state dir {state_dir} (mode {stat.S_IMODE(status.st_mode):o}) must belong to this user and be "
-                "writable by it alone: others could replace server.json or the key; use a private directory")
-    return None
-
-
 def _parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` that asks the kernel to SIGTERM the child when its parent dies (Linux prctl).
 
@@ -192,34 +186,6 @@ def _parent_death_signal() -> Callable[[], None] | None:
         return None
     pr_set_pdeathsig = 1
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def probe_inference(http_address: str, grpc_address: str, model: str, headers: dict[str, str], *,
-                    streaming: bool, timeout_s: float) -> Any:
-    """The image of one small real inference on ``model`` (a PROBE_SIDE square, one step): over HTTP, or over
-    a gRPC stream for a streaming (decoupled) model, which Triton serves no other way. Raises what the client
-    raises, or RuntimeError for an error in the stream. The start-up probe, the watchdog and the health check."""
-    request = contract.TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE, num_inference_steps=1,
-                                   seed=0)
-    if not streaming:
-        import tritonclient.http
-
-        with tritonclient.http.InferenceServerClient(http_address, connection_timeout=timeout_s,
-                                                     network_timeout=timeout_s) as client:
-            # A copy: tritonclient adds its own headers to the dict it is given.
-            result = client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
-                                  headers=dict(headers))
-        return contract.read_result(result).image
-    with grpc_wire.channel(grpc_address) as channel:
-        call = grpc_wire.stream_infer(channel, grpc_wire.infer_request(model, request.arrays()), headers, timeout_s)
-        for message in call:
-            response = grpc_wire.stream_response(message)
-            if response.error:
-                raise RuntimeError(response.error)
-            if contract.IMAGE in response.outputs:
-                call.cancel()  # the image is the stream's last response: end it now
-                return response.outputs[contract.IMAGE][0]
-    raise RuntimeError("the stream ended without an image")
 
 
 class TritonServer:
@@ -247,8 +213,8 @@ class TritonServer:
 
     @property
     def headers(self) -> dict[str, str]:
-        """Headers every inference request must carry."""
-        return {INFER_KEY_HEADER: self.infer_key}
+        """Headers every inference request must carry (a new dict each time: tritonclient adds to it)."""
+        return http_key_headers(self.infer_key)
 
     def __enter__(self) -> TritonServer:
         try:
@@ -349,23 +315,19 @@ class TritonServer:
     def probe(self, model: str, timeout_s: float = 300.0) -> None:
         """One small real inference on ``model``; raise ServerStartError unless it returns a right-sized image."""
         try:
-            image = probe_inference(f"{LOOPBACK}:{self.options.http_port}",
-                                    f"{LOOPBACK}:{server_ports(self.options)['grpc']}", model, self.headers,
-                                    streaming=model in self.streaming_models, timeout_s=timeout_s)
+            image = triton.probe_inference(f"{LOOPBACK}:{self.options.http_port}",
+                                           f"{LOOPBACK}:{server_ports(self.options)['grpc']}", model, self.infer_key,
+                                           streaming=model in self.streaming_models, timeout_s=timeout_s)
         except Exception as error:
             self._check_alive()
             raise ServerStartError(self._with_log(f"probe inference on {model!r} failed: {error}")) from error
-        if image.shape != (PROBE_SIDE, PROBE_SIDE, 3):
+        if image.shape != (triton.PROBE_SIDE, triton.PROBE_SIDE, 3):
             raise ServerStartError(f"probe inference on {model!r} returned an image of shape {image.shape}")
 
     def http_client(self, timeout_s: float = 600.0, concurrency: int = 1) -> Any:
         """A ``tritonclient.http.InferenceServerClient`` for this server; pass :attr:`headers` to ``infer``."""
-        import tritonclient.http
-
-        return tritonclient.http.InferenceServerClient(
-            f"{LOOPBACK}:{self.options.http_port}", connection_timeout=timeout_s, network_timeout=timeout_s,
-            concurrency=concurrency,
-        )
+        return triton.http_client(f"{LOOPBACK}:{self.options.http_port}", timeout_s=timeout_s,
+                                  concurrency=concurrency)
 
     def stop(self) -> None:
         """SIGTERM (Triton finishes in-flight requests and stops its stubs), then SIGKILL the whole group."""

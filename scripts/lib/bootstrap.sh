@@ -40,7 +40,8 @@ bootstrap() {
   # Plain pip on purpose: it finds the local CPU build of torch 2.13.0; uv and poetry would fetch CUDA builds.
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
 
-  local wheel_spec; wheel_spec=$(sed -n 's/^wheel = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")
+  local wheel_spec
+  wheel_spec=$(sed -n '/^\[tool.triton-diffusers.server\]/,/^\[/s/^wheel = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")
   _log "unpacking tritonserver from $wheel_spec"
   local download; download=$(mktemp -d)
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
@@ -63,9 +64,11 @@ bootstrap_py310() {
   local requirements="$venv/requirements.txt"
   "$PYTHON" -c 'import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-wanted = ("numpy", "pytest", "psutil", "pillow", "isal", "hypothesis")
-pins = project["dependencies"] + project["optional-dependencies"]["dev"]
-print("\n".join(pin for pin in pins if pin.split("=")[0] in wanted))' "$ROOT/pyproject.toml" > "$requirements"
+extras = project["optional-dependencies"]
+# The base install (the client side) and what its tests use.
+wanted = ("pytest", "psutil", "pillow", "hypothesis")
+pins = [pin for name in ("server", "bench", "dev") for pin in extras[name] if pin.split("=")[0] in wanted]
+print("\n".join(project["dependencies"] + pins))' "$ROOT/pyproject.toml" > "$requirements"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   echo "$wanted" > "$venv/.bootstrap-stamp"
 }

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from triton_launcher import contract
+from inference_client import contract, triton
 from triton_launcher.repository import build_tiny_repository
 from triton_launcher.server import ServerOptions, TritonServer, loopback_options
 
@@ -47,7 +47,7 @@ class Generator:
         self.client = server.http_client(timeout_s=300)
 
     def infer(self, model: str, request: contract.TextToImage, headers: dict[str, str] | None = None) -> Any:
-        return self.client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+        return self.client.infer(model, triton.http_inputs(request), outputs=triton.http_outputs(),
                                  headers=self.server.headers if headers is None else headers)
 
     def generate(self, model: str, prompt: str = "a red cube on a table", **options: Any) -> contract.GeneratedImage:

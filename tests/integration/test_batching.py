@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
-from triton_launcher import contract
+from inference_client import contract, triton
 from triton_launcher.repository import SPARE_INSTANCE_PRIORITY, TINY_CPU_INSTANCES
 
 from .conftest import Generator
@@ -20,6 +21,15 @@ def counts(generator: Generator) -> tuple[int, int]:
     return int(statistics["inference_count"]), int(statistics["execution_count"])
 
 
+def counts_once_answered(generator: Generator, inferences: int) -> tuple[int, int]:
+    """:func:`counts` once at least ``inferences`` requests are counted: Triton updates its statistics after it
+    has sent a response, so a client that has its answer can still read the count from before it."""
+    deadline = time.monotonic() + 30
+    while (current := counts(generator))[0] < inferences and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return current
+
+
 def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_together(
     generator: Generator,
 ) -> None:
@@ -29,8 +39,8 @@ def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_t
         contract.TextToImage("a green cone", width=64, height=128, num_inference_steps=8, seed=13),
         contract.TextToImage("a white box", width=128, height=128, num_inference_steps=8, seed=14),
     ]
-    solo_first = generator.generate(MODEL, **_options(mixed[0]))
     inferences_before, executions_before = counts(generator)
+    solo_first = generator.generate(MODEL, **_options(mixed[0]))
 
     with generator.server.http_client(timeout_s=300, concurrency=len(mixed) + 1) as client:
         # Long requests occupy the model's instances (one each), so requests that follow queue up and the
@@ -38,12 +48,12 @@ def test_mixed_sizes_in_one_batch_each_get_their_own_size_and_seed_when_queued_t
         # Arrival order is the network's: a blocker may come after a mixed request, which then runs alone.
         blockers = [contract.TextToImage(f"blocker {index}", width=512, height=512, num_inference_steps=30, seed=index)
                     for index in range(TINY_CPU_INSTANCES)]
-        pending = [client.async_infer(MODEL, request.http_inputs(), outputs=contract.http_outputs(),
+        pending = [client.async_infer(MODEL, triton.http_inputs(request), outputs=triton.http_outputs(),
                                       headers=generator.server.headers) for request in (*blockers, *mixed)]
         results = [contract.read_result(handle.get_result()) for handle in pending][len(blockers):]
 
-    inferences, executions = counts(generator)
-    sent = len(mixed) + TINY_CPU_INSTANCES
+    sent = 1 + TINY_CPU_INSTANCES + len(mixed)  # the solo request, the blockers, the mixed batch
+    inferences, executions = counts_once_answered(generator, inferences_before + sent)
     assert inferences - inferences_before == sent
     assert executions - executions_before < sent, "no two requests were batched together"
     for request, result in zip(mixed, results, strict=True):

@@ -15,10 +15,11 @@ from typing import TypeVar
 import psutil
 import pytest
 
+from inference_client import contract, triton
+from inference_client.state import grpc_key_headers
 from triton_launcher.server import TritonServer
 
 from .conftest import Generator
-from .grpc_wire import channel, key_metadata, method, model_infer_request
 
 MODEL = "tiny-sd15"
 STEPS = 100
@@ -33,12 +34,13 @@ def test_a_cancelled_grpc_generation_stops_after_the_step_it_was_at_and_the_mode
     log = Path(str(tiny_server.log_path))
     log_size = log.stat().st_size
     cpu_before = _stub_cpu_seconds(tiny_server)
-    with channel(tiny_server) as open_channel:
-        call = method(open_channel, "ModelInfer").future(
-            model_infer_request(MODEL, side=512, steps=STEPS), metadata=key_metadata(tiny_server.infer_key),
-            timeout=WAIT_S)
+    request = contract.TextToImage("a red cube", width=512, height=512, num_inference_steps=STEPS)
+    answers: list[object] = []
+    with triton.grpc_client(f"127.0.0.1:{tiny_server.options.grpc_port}") as client:
+        call = client.async_infer(MODEL, triton.grpc_inputs(request), lambda result, error: answers.append(error),
+                                  headers=grpc_key_headers(tiny_server.infer_key), client_timeout=WAIT_S)
         _wait_until(lambda: max(_spent(tiny_server, cpu_before)) > 0.5, "a stub to start on the generation")
-        assert call.cancel()
+        call.cancel()
 
     # Of the scheduler's steps: SD1.5's PNDM makes one more denoiser pass than it was asked for.
     stopped = _wait_until(lambda: re.search(r"cancelled by the caller after step (\d+) of (\d+)",
@@ -47,6 +49,7 @@ def test_a_cancelled_grpc_generation_stops_after_the_step_it_was_at_and_the_mode
     assert stopped is not None
     assert int(stopped.group(2)) in (STEPS, STEPS + 1)
     assert int(stopped.group(1)) < STEPS
+    assert "CANCELLED" in str(_wait_until(lambda: answers, "the cancelled call to be answered")[0])
     assert generator.generate(MODEL, seed=5).image.shape == (96, 128, 3)
 
 

@@ -10,12 +10,11 @@ import pytest
 from tritonclient.http import InferInput
 from tritonclient.utils import InferenceServerException
 
-from triton_launcher import contract
-from triton_launcher.paths import INFER_KEY_HEADER
+from inference_client import contract, triton
+from inference_client.state import INFER_KEY_HEADER, grpc_key_headers
 from triton_launcher.server import TritonServer
 
 from .conftest import TINY_MODELS, Generator
-from .grpc_wire import field, grpc_call, length_delimited_fields, model_infer_request
 
 BAD_OPTIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": ""}, "PROMPT", "must contain visible text"),
@@ -84,7 +83,7 @@ def test_missing_prompt_fails_with_invalid_arg_naming_prompt_when_only_options_a
 def test_wrongly_typed_or_shaped_tensor_fails_with_invalid_arg_naming_it_when_sent(
     generator: Generator, model: str, array: np.ndarray, datatype: str
 ) -> None:
-    inputs = [*contract.TextToImage("a").http_inputs(), raw_input("WIDTH", array, datatype)]
+    inputs = [*triton.http_inputs(contract.TextToImage("a")), raw_input("WIDTH", array, datatype)]
     with pytest.raises(InferenceServerException) as caught:
         generator.client.infer(model, inputs, headers=generator.server.headers)
     assert_invalid_argument(caught.value, "WIDTH")
@@ -165,43 +164,43 @@ def test_model_load_and_unload_are_refused_even_with_the_key_when_requested(
 
 
 def test_grpc_inference_needs_the_key_like_http_and_works_with_it(tiny_server: TritonServer) -> None:
-    import grpc
+    request = triton.grpc_inputs(contract.TextToImage("a red cube", width=64, height=64, num_inference_steps=1))
+    with _grpc_client(tiny_server) as client:
+        assert client.is_server_live()  # health is open
+        for headers in (None, grpc_key_headers("not-the-key")):
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("tiny-sd15", request, headers=headers)
+            assert INFER_KEY_HEADER in caught.value.message()
 
-    assert grpc_call(tiny_server, "ServerLive", b"", key=None) == b"\x08\x01"  # health is open: live = true
-    request = model_infer_request("tiny-sd15", side=64)
-    for key in (None, "not-the-key"):
-        with pytest.raises(grpc.RpcError) as caught:
-            grpc_call(tiny_server, "ModelInfer", request, key=key)
-        assert caught.value.code() != grpc.StatusCode.OK
-        assert INFER_KEY_HEADER in caught.value.details()
-
-    answer = length_delimited_fields(grpc_call(tiny_server, "ModelInfer", request, key=tiny_server.infer_key))
-    raw_outputs = [payload for number, payload in answer if number == 6]  # raw_output_contents
-    assert sorted(len(payload) for payload in raw_outputs) == [8, 64 * 64 * 3]  # SEED (int64), IMAGE (uint8)
+        result = client.infer("tiny-sd15", request, headers=grpc_key_headers(tiny_server.infer_key))
+    image = contract.read_result(result)
+    assert image.image.shape == (64, 64, 3)
+    assert image.image.dtype == np.uint8
 
 
 @pytest.mark.parametrize(
-    ("method", "request_bytes"),
-    [("ModelConfig", field(1, b"tiny-sd15")), ("ModelStatistics", b""), ("RepositoryIndex", b""),
-     ("RepositoryModelUnload", field(2, b"tiny-sd15"))],
+    ("call", "arguments"),
+    [("get_model_config", ("tiny-sd15",)), ("get_inference_statistics", ()), ("get_model_repository_index", ()),
+     ("unload_model", ("tiny-sd15",))],
     ids=["model-config", "statistics", "model-repository", "unload"],
 )
 def test_other_grpc_apis_are_refused_when_no_key_is_sent(
-    tiny_server: TritonServer, method: str, request_bytes: bytes
+    tiny_server: TritonServer, call: str, arguments: tuple[str, ...]
 ) -> None:
-    import grpc
-
-    with pytest.raises(grpc.RpcError) as caught:
-        grpc_call(tiny_server, method, request_bytes, key=None)
-    assert INFER_KEY_HEADER in caught.value.details()
+    with _grpc_client(tiny_server) as client, pytest.raises(InferenceServerException) as caught:
+        getattr(client, call)(*arguments)
+    assert INFER_KEY_HEADER in caught.value.message()
     with tiny_server.http_client() as client:
         assert client.is_model_ready("tiny-sd15")
 
 
 def test_grpc_model_unload_is_refused_even_with_the_key(tiny_server: TritonServer) -> None:
-    import grpc
-
-    with pytest.raises(grpc.RpcError, match="explicit model load / unload is not allowed"):
-        grpc_call(tiny_server, "RepositoryModelUnload", field(2, b"tiny-sd15"), key=tiny_server.infer_key)
+    with _grpc_client(tiny_server) as client, \
+            pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+        client.unload_model("tiny-sd15", headers=grpc_key_headers(tiny_server.infer_key))
     with tiny_server.http_client() as client:
         assert client.is_model_ready("tiny-sd15")
+
+
+def _grpc_client(server: TritonServer) -> Any:
+    return triton.grpc_client(f"127.0.0.1:{server.options.grpc_port}")

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from tritonclient.http import InferInput
 from tritonclient.utils import InferenceServerException
 
-from triton_launcher import contract
+from inference_client import contract
 from triton_launcher.server import TritonServer
 
 from .conftest import Generator

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from triton_launcher import gpu_bench
+from workbench import gpu_bench
 
 
 def test_bench_gpu_measures_inprocess_and_triton_and_records_failures_when_run_on_tiny_cpu_models(

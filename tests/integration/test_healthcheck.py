@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
+from inference_client.state import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.repository import build_tiny_repository
 from triton_launcher.server import TritonServer, loopback_options
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from inference_client.state import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.errors import ServerStartError
 from triton_launcher.installation import MALLOC_TUNABLES
-from triton_launcher.paths import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.repository import STREAM_SUFFIX, TINY_CPU_INSTANCES, TINY_STREAMING, with_parameters
 from triton_launcher.server import TritonServer, free_ports
 

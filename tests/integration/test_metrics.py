@@ -10,7 +10,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from diffusers_backend import metrics
-from triton_launcher import contract
+from inference_client import contract
 from triton_launcher.server import LOOPBACK, TritonServer
 
 from .conftest import TINY_MODELS, Generator

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from triton_launcher.server import TritonServer
-from triton_launcher.soak import QUICK, queue_limit, run_soak
+from workbench.soak import QUICK, queue_limit, run_soak
 
 # scripts/soak --quick: six clients (below the queue limit) x 25 generations, 150 requests, 8 steps at 64-256 px:
 # 10-40 s on two busy cores. duration_s is only a hang guard, not a timing assertion: every request is issued

@@ -28,8 +28,8 @@ from capability import (
     CapabilityLayer,
     GenerationCancelledError,
     ModelNotServedError,
+    Progress,
 )
-from capability.servers import Progress
 from triton_launcher.server import TritonServer
 
 MODEL = "tiny-sd15"

@@ -111,19 +111,21 @@ def ngc_layout(root: Path) -> Path:
 def test_image_is_built_from_the_ngc_release_of_the_bundled_server() -> None:
     server = PYPROJECT["tool"]["triton-diffusers"]["server"]
     assert dockerfile_instruction_lines("FROM") == [f"FROM nvcr.io/nvidia/tritonserver:{server['ngc-release']}-py3"]
-    # NGC 24.10 ships tritonserver 2.51.0; the client must speak the same version.
+    # NGC 24.10 ships tritonserver 2.51.0, the server the tests run; its clients speak the KServe v2 protocol,
+    # over HTTP and gRPC, which newer tritonclient releases speak too.
     assert (server["ngc-release"], server["triton-version"]) == ("24.10", "2.51.0")
-    assert "tritonclient[http]==2.51.0" in PYPROJECT["project"]["dependencies"]
+    assert [pin for pin in PYPROJECT["project"]["dependencies"] if pin.startswith("tritonclient")] == [
+        "tritonclient[http,grpc]==2.73.0"]
 
 
 def test_image_installs_exactly_the_pyproject_pins_from_pypi_so_only_the_torch_build_differs() -> None:
     installs = re.findall(r"pip install ([^\n&\\]*)", DOCKERFILE)
     # pyproject.toml itself, resolved by the image's Python 3.10: its pins for 3.10, nothing added or overridden.
-    assert [install.split() for install in installs] == [["--no-cache-dir", "-e", "."]]
+    assert [shlex.split(install) for install in installs] == [["--no-cache-dir", "-e", ".[server]"]]
     # No other index: torch==2.13.0 from PyPI is the CUDA build on Linux, the CPU build here is the same version.
     instructions = "\n".join(line for line in DOCKERFILE.splitlines() if not line.startswith("#"))
     assert not re.search(r"index-url|find-links|constraint|requirements|--pre\b", instructions)
-    torch_pins = [pin for pin in PYPROJECT["project"]["dependencies"] if pin.startswith("torch==")]
+    torch_pins = [pin for pin in PYPROJECT["project"]["optional-dependencies"]["server"] if pin.startswith("torch==")]
     assert torch_pins == ["torch==2.13.0"], "a local version (+cpu, +cu12x) would pin one build everywhere"
     assert "COPY pyproject.toml" in DOCKERFILE
 
@@ -135,6 +137,7 @@ def test_image_serves_the_model_repository_beside_the_launcher_as_a_checkout_doe
     assert copies["triton_launcher"] == "./triton_launcher"
     assert copies["model_repository"] == "./model_repository"
     assert copies["diffusers_backend"] == "./diffusers_backend"  # what model.py imports
+    assert copies["inference_client"] == "./inference_client"  # the contract, the probes' client
     assert "USER triton" in DOCKERFILE
 
 
@@ -240,7 +243,10 @@ def _seconds(duration: str) -> float:
 @pytest.mark.parametrize("python_version", ["3.10", "3.11"])
 def test_every_dependency_has_exactly_one_exact_pin_when_resolved_for_a_python_version(python_version: str) -> None:
     pins: dict[str, list[str]] = {}
-    for requirement in PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["dev"]:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for requirement in PYPROJECT["project"]["dependencies"] + [pin for pins in extras.values() for pin in pins]:
+        if requirement.startswith(f"{PYPROJECT['project']['name']}["):
+            continue  # an extra that includes others, e.g. dev = [triton-diffusers[server,bench], ...]
         specifier, _, marker = requirement.partition(";")
         match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)(\[[a-z,]+\])?==([0-9][0-9A-Za-z.+]*)\s*", specifier)
         assert match, f"{requirement!r} is not pinned with =="

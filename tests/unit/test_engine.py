@@ -23,7 +23,7 @@ from diffusers_backend.service import DiffusersService, GeneratedImage  # noqa: 
 from diffusers_backend.settings import ModelSettings  # noqa: E402
 from diffusers_backend.tiny import build_tiny_models  # noqa: E402
 from diffusers_backend.validation import GenerationRequest  # noqa: E402
-from triton_launcher.contract import TextToImage  # noqa: E402
+from inference_client.contract import TextToImage  # noqa: E402
 from triton_launcher.paths import TINY_PIPELINES  # noqa: E402
 
 CPU = Placement("CPU")

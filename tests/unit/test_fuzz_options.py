@@ -37,7 +37,8 @@ from capability.generation import (
     parse_options,
 )
 from diffusers_backend.errors import InvalidRequestError
-from diffusers_backend.validation import MAX_SEED, GenerationRequest, RequestLimits, parse_request
+from diffusers_backend.validation import GenerationRequest, RequestLimits, parse_request
+from inference_client.contract import MAX_SEED
 
 FUZZ = settings(
     max_examples=250,

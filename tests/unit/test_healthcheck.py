@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from inference_client.state import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher import healthcheck
-from triton_launcher.paths import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher.server import free_ports
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from triton_launcher import loadtest
-from triton_launcher.knobs import Knobs
-from triton_launcher.loadtest import Plan, Samples, breakdown, pooled_floor, ratios, run_concurrently, summarize
 from triton_launcher.paths import MODEL_REPOSITORY
 from triton_launcher.repository import read_parameters
+from workbench import loadtest
+from workbench.knobs import Knobs
+from workbench.loadtest import Plan, Samples, breakdown, pooled_floor, ratios, run_concurrently, summarize
 
 
 def test_summarize_reports_median_p95_and_throughput_when_given_latencies() -> None:

@@ -21,7 +21,7 @@ from diffusers_backend.metrics import ModelMetrics, error_kind
 from diffusers_backend.service import DiffusersService, GeneratedImage
 from diffusers_backend.settings import ModelSettings
 from diffusers_backend.validation import GenerationRequest, RequestLimits
-from triton_launcher.contract import TextToImage
+from inference_client.contract import TextToImage
 
 from .test_validation import SD15_TRAITS
 

@@ -7,9 +7,9 @@ import pytest
 
 from capability import GenerationError, ServerBusyError
 from capability.png import encode_png_base64
-from triton_launcher import soak
 from triton_launcher.paths import MODEL_REPOSITORY
-from triton_launcher.soak import (
+from workbench import soak
+from workbench.soak import (
     TINY_MODELS,
     Shape,
     audit_problems,

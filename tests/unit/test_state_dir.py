@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from inference_client.state import SERVER_FILE
 from triton_launcher.errors import ServerStartError
-from triton_launcher.paths import SERVER_FILE, STATE_LOCK_FILE
+from triton_launcher.paths import STATE_LOCK_FILE
 from triton_launcher.server import ServerOptions, TritonServer, prepare_state_dir, write_private_file
 
 

@@ -104,7 +104,8 @@ def test_server_keys_refuse_a_state_dir_others_can_write_when_looking_up_the_loc
 
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    (state_dir / "server.json").write_text('{"url": "http://127.0.0.1:8000"}')
+    (state_dir / "server.json").write_text(
+        '{"url": "http://127.0.0.1:8000", "grpc_address": "127.0.0.1:8001", "models": ["tiny-sd15"]}')
     (state_dir / "infer-key").write_text("key\n")
     keys = ServerKeys(Store(tmp_path / STORE_FILE), state_dir)
     state_dir.chmod(0o700)

@@ -19,7 +19,7 @@ from diffusers_backend.service import DiffusersService
 from diffusers_backend.settings import ModelSettings
 from diffusers_backend.triton_model import DiffusersTritonModel
 from diffusers_backend.validation import GenerationRequest, RequestLimits
-from triton_launcher.contract import TextToImage
+from inference_client.contract import TextToImage
 
 from .test_metrics import FakeMetricFamily
 from .test_validation import SD15_TRAITS

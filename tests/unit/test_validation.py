@@ -10,8 +10,8 @@ import pytest
 from diffusers_backend.errors import InvalidRequestError, ModelConfigError
 from diffusers_backend.families import FLUX, SD15, PipelineTraits
 from diffusers_backend.settings import ModelSettings
-from diffusers_backend.validation import MAX_DRAWN_SEED, MAX_SEED, RequestLimits, parse_request
-from triton_launcher.contract import TextToImage
+from diffusers_backend.validation import MAX_DRAWN_SEED, RequestLimits, parse_request
+from inference_client.contract import MAX_SEED, TextToImage
 
 SD15_TRAITS = PipelineTraits(SD15, native_size=512, size_multiple=8, max_side=None, uses_guidance_scale=True,
                              default_steps=50, default_guidance_scale=7.5, max_sequence_length=None)

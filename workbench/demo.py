@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 from capability import CapabilityError, CapabilityLayer, DeniedError
+from triton_launcher.errors import LauncherError
+from triton_launcher.repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
+from triton_launcher.server import TritonServer, loopback_options
 
-from .errors import LauncherError
-from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import TritonServer, loopback_options
-
-logger = logging.getLogger("triton_launcher.demo")
+logger = logging.getLogger("workbench.demo")
 
 PROMPTS = {
     "sd15": "a lighthouse on a cliff at dawn, oil painting",

@@ -1,7 +1,7 @@
-"""The client side of the Triton tensor contract shared by every model (see README.md, "Triton contract").
+"""The Triton tensor contract of every text-to-image model (docs/contract.md), and the limits both sides share.
 
-Builds the input tensors of one text-to-image request for ``tritonclient.http`` and reads its outputs. Omitted
-options are not sent, so the model's own defaults apply.
+Pure data: numpy only, so the model side (``diffusers_backend``) can take its limits from here too. The
+tritonclient objects for these tensors are built in :mod:`.triton`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,21 @@ STEPS_DONE = "STEPS_DONE"
 STEPS = "STEPS"
 ELAPSED_S = "ELAPSED_S"
 PROGRESS_NAMES = (STEPS_DONE, STEPS, ELAPSED_S)
+
+MAX_SEED = 2**63 - 1
+"""Largest seed accepted: the SEED tensor is INT64 and torch seeds are unsigned."""
+DEFAULT_MAX_PROMPT_BYTES = 4096
+"""Longest prompt a model accepts by default, in UTF-8 bytes; the capability layer applies the same bound."""
+
+_MAX_SHOWN_CHARS = 48
+
+
+def describe_value(value: object) -> str:
+    """A short, safe rendering of a received value for an error message (long prompts are cut)."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN_CHARS:
+        return f"{text[:_MAX_SHOWN_CHARS]}…({len(text)} chars)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -56,25 +71,6 @@ class TextToImage:
                 arrays[name] = np.array([[value]], dtype=dtype)
         return arrays
 
-    def http_inputs(self) -> list[Any]:
-        """``tritonclient.http.InferInput`` objects, binary-encoded."""
-        from tritonclient.http import InferInput
-        from tritonclient.utils import np_to_triton_dtype
-
-        inputs = []
-        for name, array in self.arrays().items():
-            tensor = InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_
-                                else np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
-        return inputs
-
-
-def http_outputs() -> list[Any]:
-    from tritonclient.http import InferRequestedOutput
-
-    return [InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
-
 
 @dataclass(frozen=True)
 class GeneratedImage:
@@ -83,6 +79,22 @@ class GeneratedImage:
     seed: int
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a streaming generation is: ``steps_done`` of ``steps`` denoising steps, ``elapsed_s`` seconds in."""
+
+    steps_done: int
+    steps: int
+    elapsed_s: float
+
+
 def read_result(result: Any) -> GeneratedImage:
-    """Outputs of one response (``tritonclient`` ``InferResult``) without the batch dimension."""
+    """The image of one response (a tritonclient ``InferResult``, HTTP or gRPC), without the batch dimension."""
     return GeneratedImage(image=result.as_numpy(IMAGE)[0], seed=int(result.as_numpy(SEED).reshape(-1)[0]))
+
+
+def read_progress(result: Any) -> Progress:
+    """The progress report of one streaming response (a tritonclient ``InferResult``)."""
+    return Progress(steps_done=int(result.as_numpy(STEPS_DONE).reshape(-1)[0]),
+                    steps=int(result.as_numpy(STEPS).reshape(-1)[0]),
+                    elapsed_s=float(result.as_numpy(ELAPSED_S).reshape(-1)[0]))

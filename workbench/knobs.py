@@ -15,11 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import contract
+from inference_client import contract, triton
+from triton_launcher.paths import TINY_PIPELINES
+from triton_launcher.repository import (
+    TINY_CPU_INSTANCES,
+    TINY_PREFIX,
+    build_tiny_repository,
+    with_cpu_instances,
+    with_parameters,
+)
+from triton_launcher.server import TritonServer, loopback_options
+
 from .loadtest import CONCURRENCY, Plan, fold_into_results, machine, run_concurrently
-from .paths import TINY_PIPELINES
-from .repository import TINY_CPU_INSTANCES, TINY_PREFIX, build_tiny_repository, with_cpu_instances, with_parameters
-from .server import TritonServer, loopback_options
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def measure(model: str, knobs: Knobs, plan: Plan) -> list[dict[str, Any]]:
         config.write_text(knobs.apply(with_parameters(config.read_text(), {"model_source": source})))
         with TritonServer(loopback_options(repository, Path(scratch) / "state")) as server:
             def call(client: Any, request: contract.TextToImage) -> object:
-                return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+                return client.infer(model, triton.http_inputs(request), outputs=triton.http_outputs(),
                                     headers=server.headers)
 
             def open_client() -> Any:

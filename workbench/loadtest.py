@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import contract
-from .installation import with_malloc_tunables
-from .paths import PROJECT_ROOT, TINY_PIPELINES
-from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import TritonServer, loopback_options
+from inference_client import contract, triton
+from triton_launcher.installation import with_malloc_tunables
+from triton_launcher.paths import PROJECT_ROOT, TINY_PIPELINES
+from triton_launcher.repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
+from triton_launcher.server import TritonServer, loopback_options
 
 CONCURRENCY = (1, 2, 4, 8)
 RESULTS_DIR = PROJECT_ROOT / "bench"
@@ -192,7 +192,7 @@ class FloorWorker:
     using no CPU, while a server runs."""
 
     def __init__(self) -> None:
-        command = [sys.executable, "-m", "triton_launcher.loadtest", "--inprocess-worker"]
+        command = [sys.executable, "-m", "workbench.loadtest", "--inprocess-worker"]
         # The server's malloc settings too: the floor is the same code in the same conditions, minus Triton.
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=with_malloc_tunables(dict(os.environ)))
@@ -270,7 +270,7 @@ def measure_served(server: TritonServer, model: str, plan: Plan) -> dict[str, An
                                                     "max_concurrent": max(CONCURRENCY)})
 
         def via_triton(client: Any, request: contract.TextToImage) -> object:
-            return client.infer(model, request.http_inputs(), outputs=contract.http_outputs(),
+            return client.infer(model, triton.http_inputs(request), outputs=triton.http_outputs(),
                                 headers=server.headers)
 
         def via_capability(_client: Any, request: contract.TextToImage) -> object:

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import contract
-from .installation import with_malloc_tunables
+from inference_client import contract, triton
+from triton_launcher.installation import with_malloc_tunables
+from triton_launcher.paths import MODEL_REPOSITORY, TINY_PIPELINES
+from triton_launcher.repository import FAMILY_MODELS, with_cpu_instances, with_parameters
+from triton_launcher.server import TritonServer, loopback_options
+
 from .loadtest import RESULTS_DIR, machine
-from .paths import MODEL_REPOSITORY, TINY_PIPELINES
-from .repository import FAMILY_MODELS, with_cpu_instances, with_parameters
-from .server import TritonServer, loopback_options
 
 NATIVE = {"sd15": (512, 50), "sdxl": (1024, 30), "sd3": (1024, 28), "flux": (1024, 4)}
 """Side and steps each family is published and benchmarked at (diffusers' own figures use these)."""
@@ -107,7 +108,7 @@ def measure_inprocess(family: str, folder: Path, variant: Variant, request: cont
            "iterations": iterations, "request": {"prompt": request.prompt, "width": request.width,
                                                  "height": request.height, "steps": request.num_inference_steps,
                                                  "seed": request.seed}}
-    finished = subprocess.run([sys.executable, "-m", "triton_launcher.gpu_bench", "--inprocess-worker",
+    finished = subprocess.run([sys.executable, "-m", "workbench.gpu_bench", "--inprocess-worker",
                                json.dumps(job)], capture_output=True, text=True, check=False, timeout=3600,
                               env=with_malloc_tunables(dict(os.environ)))  # as the server's stubs have
     if finished.returncode != 0:
@@ -139,7 +140,7 @@ def measure_triton(family: str, folder: Path, variant: Variant, request: contrac
     shutil.copy(MODEL_REPOSITORY / family / "1" / "model.py", model_directory / "1" / "model.py")
     with TritonServer(loopback_options(repository, scratch / f"state-{family}-{variant.name}")) as server, \
             server.http_client(timeout_s=3600) as client:
-        return timed(lambda: client.infer(family, request.http_inputs(), outputs=contract.http_outputs(),
+        return timed(lambda: client.infer(family, triton.http_inputs(request), outputs=triton.http_outputs(),
                                           headers=server.headers), iterations)
 
 

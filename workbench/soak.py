@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from triton_launcher.paths import MODEL_REPOSITORY
+from triton_launcher.repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
+from triton_launcher.server import TritonServer, loopback_options
+
 from .loadtest import RESULTS_DIR, machine, server_memory
-from .paths import MODEL_REPOSITORY
-from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import TritonServer, loopback_options
 
 if TYPE_CHECKING:
     from capability import CapabilityHandle, CapabilityLayer

@@ -1,9 +1,12 @@
 """``scripts/perf-analyzer``: Triton's own benchmark tool against the tiny models, with real prompts.
 
-perf_analyzer 2.51 comes with the ``tritonclient==2.51.0`` wheel; on a machine without CUDA it still needs
-``libb64`` (Debian's ``libb64-0d``) and ``libcudart.so.12`` (the ``nvidia-cuda-runtime-cu12`` wheel), which
-scripts/perf-analyzer installs. Every request carries the infer key (``-H infer-key:…``) and one of a few real
-prompts (``--input-data``). Figures go to ``bench/perf_analyzer.json`` and a table on stdout.
+perf_analyzer 2.51 is the binary inside the ``tritonclient==2.51.0`` wheel (pyproject.toml's
+``[tool.triton-diffusers.perf-analyzer]``; later releases ship none, and the client library itself is a newer
+release): scripts/perf-analyzer unpacks it into the venv's ``bin/``. On a machine without CUDA it still needs
+``libb64`` (Debian's ``libb64-0d``) and ``libcudart.so.12`` (the ``nvidia-cuda-runtime-cu12`` wheel of the
+``[bench]`` extra), which scripts/perf-analyzer installs. Every request carries the infer key
+(``-H infer-key:…``) and one of a few real prompts (``--input-data``). Figures go to
+``bench/perf_analyzer.json`` and a table on stdout.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from inference_client.state import INFER_KEY_HEADER
+from triton_launcher.repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
+from triton_launcher.server import LOOPBACK, TritonServer, loopback_options
+
 from .loadtest import fold_into_results
-from .paths import INFER_KEY_HEADER
-from .repository import FAMILY_MODELS, TINY_PREFIX, build_tiny_repository
-from .server import LOOPBACK, TritonServer, loopback_options
 
 PROMPTS = (
     "a lighthouse on a cliff at dawn, oil painting",
@@ -42,6 +46,23 @@ def input_data(side: int, steps: int) -> dict[str, Any]:
         "NUM_INFERENCE_STEPS": {"content": [steps], "shape": [1]},
         "SEED": {"content": [index], "shape": [1]},
     } for index, prompt in enumerate(PROMPTS)]}
+
+
+def unpack_perf_analyzer(wheel: Path, bin_dir: Path) -> Path:
+    """Take the ``perf_analyzer`` binary out of a tritonclient wheel into ``bin_dir`` (nothing else of it)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        member = next((entry for entry in archive.infolist()
+                       if entry.filename.endswith(".data/data/bin/perf_analyzer")), None)
+        if member is None:
+            raise RuntimeError(f"{wheel.name} holds no perf_analyzer binary")
+        target = bin_dir / "perf_analyzer"
+        temporary = target.with_suffix(".partial")
+        temporary.write_bytes(archive.read(member))
+        temporary.chmod(0o755)
+        temporary.replace(target)
+    return target
 
 
 def perf_analyzer_environment() -> dict[str, str]:
@@ -83,6 +104,10 @@ def run_perf_analyzer(server: TritonServer, model: str, data_file: Path, *, conc
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--unpack"]:  # scripts/perf-analyzer's set-up: --unpack WHEEL
+        print(unpack_perf_analyzer(Path(argv[1]), Path(sys.executable).parent))
+        return 0
     parser = argparse.ArgumentParser(prog="scripts/perf-analyzer", description=__doc__)
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)

@@ -1,0 +1,194 @@
+"""tritonclient's HTTP and gRPC clients, set up for the text-to-image contract.
+
+- Long timeouts: a generation takes seconds to minutes, and tritonclient's HTTP default (60 s) would cut it off.
+- No proxy: the servers are on loopback or a private network, never behind an ``http_proxy`` from the
+  environment (which grpcio would otherwise honour).
+- The inference key: as the ``infer-key`` header over HTTP, as ``triton-grpc-protocol-infer-key`` metadata over
+  gRPC (:mod:`.state`).
+- Streaming models (decoupled) answer on a gRPC stream only: :class:`ImageStream` runs one request there,
+  yields its progress and image, and cancels it on the server.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, cast
+
+import numpy as np
+
+from .contract import (
+    IMAGE,
+    OUTPUT_NAMES,
+    PROGRESS_NAMES,
+    SEED,
+    GeneratedImage,
+    Progress,
+    TextToImage,
+    read_progress,
+    read_result,
+)
+from .state import grpc_key_headers, http_key_headers
+
+PROBE_SIDE = 64
+"""Side of the probe's image: a multiple of every family's size multiple, cheap on any device."""
+_MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+"""tritonclient's own bound; grpcio's default (4 MiB) is smaller than one 2048x2048 image."""
+
+
+def http_client(address: str, *, timeout_s: float, ssl: bool = False, concurrency: int = 1) -> Any:
+    """A ``tritonclient.http.InferenceServerClient`` for ``host:port``. Not thread-safe: one per thread, or
+    ``concurrency`` connections for its async calls."""
+    import tritonclient.http
+
+    return tritonclient.http.InferenceServerClient(address, ssl=ssl, connection_timeout=timeout_s,
+                                                   network_timeout=timeout_s, concurrency=concurrency)
+
+
+def grpc_client(address: str) -> Any:
+    """A ``tritonclient.grpc.InferenceServerClient`` for ``host:port`` that never goes through a proxy."""
+    import tritonclient.grpc
+
+    return tritonclient.grpc.InferenceServerClient(address, channel_args=[
+        ("grpc.enable_http_proxy", 0),
+        # tritonclient's defaults, which channel_args replaces.
+        ("grpc.max_send_message_length", _MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", _MAX_GRPC_MESSAGE_BYTES),
+    ])
+
+
+def http_inputs(request: TextToImage) -> list[Any]:
+    """``tritonclient.http.InferInput`` objects of ``request``, binary-encoded."""
+    import tritonclient.http
+
+    return [_filled(tritonclient.http.InferInput, name, array, binary_data=True)
+            for name, array in request.arrays().items()]
+
+
+def http_outputs() -> list[Any]:
+    import tritonclient.http
+
+    return [tritonclient.http.InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
+
+
+def grpc_inputs(request: TextToImage) -> list[Any]:
+    """``tritonclient.grpc.InferInput`` objects of ``request``."""
+    import tritonclient.grpc
+
+    return [_filled(tritonclient.grpc.InferInput, name, array) for name, array in request.arrays().items()]
+
+
+def _filled(kind: Any, name: str, array: np.ndarray, **options: Any) -> Any:
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensor = kind(name, list(array.shape), "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array, **options)
+    return tensor
+
+
+def infer_http(client: Any, model: str, request: TextToImage, key: str) -> GeneratedImage:
+    """One request over HTTP; raises what tritonclient raises (``InferenceServerException``, OSError)."""
+    result = client.infer(model, http_inputs(request), outputs=http_outputs(), headers=http_key_headers(key))
+    return read_result(result)
+
+
+class StreamError(Exception):
+    """The stream broke, or the server sent something that is neither progress nor an image."""
+
+
+class StreamCancelledError(Exception):
+    """:meth:`ImageStream.cancel` ended the stream: the server stops after the denoising step it is at."""
+
+
+_CANCEL = object()
+
+
+class ImageStream:
+    """One request on a streaming (decoupled) model, over a gRPC stream of its own::
+
+        with ImageStream(address, model, request, key, timeout_s) as stream:
+            for event in stream:   # Progress after every denoising step, then the GeneratedImage
+                ...
+
+    :meth:`cancel` (from any thread) cancels the gRPC call, which Triton passes on to the model as the request's
+    cancellation; iterating then raises StreamCancelledError. A server error arrives as tritonclient's
+    ``InferenceServerException`` (its ``status()`` is the gRPC code for a broken call, None for the model's error).
+    """
+
+    def __init__(self, address: str, model: str, request: TextToImage, key: str, timeout_s: float) -> None:
+        self._responses: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._client = grpc_client(address)
+        self._open = True
+        try:
+            self._client.start_stream(callback=self._receive, stream_timeout=timeout_s,
+                                      headers=grpc_key_headers(key))
+            # The final response is always heard, so a stream that ends without an image cannot hang the reader.
+            self._client.async_stream_infer(model, grpc_inputs(request), enable_empty_final_response=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self, result: Any, error: Any) -> None:  # tritonclient's stream thread
+        self._responses.put((result, error))
+
+    def __enter__(self) -> ImageStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def cancel(self) -> None:
+        """Cancel the request; safe from any thread, at any time (the reading thread acts on it)."""
+        self._responses.put(_CANCEL)
+
+    def close(self) -> None:
+        """End the stream (cancelling the request if it still runs) and close the connection."""
+        if self._open:
+            self._open = False
+            self._client.stop_stream(cancel_requests=True)
+            self._client.close()
+
+    def __iter__(self) -> Iterator[Progress | GeneratedImage]:
+        while True:
+            item = self._responses.get()
+            if item is _CANCEL:
+                self.close()
+                raise StreamCancelledError("the request was cancelled")
+            result, error = cast("tuple[Any, Any]", item)
+            if error is not None:
+                raise error
+            names = {output.name for output in result.get_response().outputs}
+            if {IMAGE, SEED} <= names:
+                # The image is the request's last response: end the stream now, without waiting for its close.
+                self.close()
+                yield read_result(result)
+                return
+            if set(PROGRESS_NAMES) <= names:
+                yield read_progress(result)
+            elif _is_final(result):
+                raise StreamError("the stream ended without an image")
+            else:
+                raise StreamError(f"a stream response with outputs {sorted(names)}: neither progress nor an image")
+
+
+def _is_final(result: Any) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and bool(parameters["triton_final_response"].bool_param)
+
+
+def probe_inference(http_address: str, grpc_address: str, model: str, key: str, *, streaming: bool,
+                    timeout_s: float) -> np.ndarray:
+    """The image of one small real inference on ``model`` (a PROBE_SIDE square, one step): over HTTP, or over
+    a gRPC stream for a streaming (decoupled) model, which Triton serves no other way. Raises what the client
+    raises. The launcher's start-up probe, its watchdog and the health check all use it."""
+    request = TextToImage("readiness probe", width=PROBE_SIDE, height=PROBE_SIDE, num_inference_steps=1, seed=0)
+    if not streaming:
+        with http_client(http_address, timeout_s=timeout_s) as client:
+            return infer_http(client, model, request, key).image
+    with ImageStream(grpc_address, model, request, key, timeout_s) as stream:
+        for event in stream:
+            if isinstance(event, GeneratedImage):
+                return event.image
+    raise StreamError("the stream ended without an image")
