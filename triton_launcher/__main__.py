@@ -3,24 +3,42 @@
 Prints exactly one line on stdout, ``READY http://127.0.0.1:PORT``, once every model has answered a real
 inference; everything else goes to stderr and the server log. Then the watchdog (watchdog.py) probes the
 models and restarts tritonserver on a crash, on the same port with the same key.
+
+Stopping: the first SIGINT or SIGTERM, at any moment (building the tiny models, starting, waiting for the models,
+a probe in flight, a restart, the back-off between restarts), starts an orderly stop: tritonserver refuses new
+requests, finishes those in flight for up to ``--exit-timeout`` seconds, and its Python stubs exit; then the
+launcher exits 0. A second signal, or a stop that outlasts the timeout, kills tritonserver's whole process group
+and the launcher exits 1. Either way nothing of the server is left running.
+
+The main thread only waits for signals (:mod:`.signals`); a supervisor thread starts, watches and stops the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
+from typing import NoReturn
 
 from inference_client.state import STATE_DIR
 
-from .errors import LauncherError
+from .errors import LauncherError, StopRequestedError
 from .paths import MODEL_REPOSITORY, TINY_REPOSITORY
-from .server import DEFAULT_HTTP_PORT, LOOPBACK, ServerOptions, TritonServer
+from .server import (
+    DEFAULT_EXIT_TIMEOUT_S,
+    DEFAULT_HTTP_PORT,
+    LOOPBACK,
+    MAX_EXIT_TIMEOUT_S,
+    STUB_EXIT_GRACE_S,
+    ServerOptions,
+    TritonServer,
+)
+from .signals import WOKEN, StopSignals
 from .watchdog import DEFAULT_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S, Watchdog
 
 logger = logging.getLogger("triton_launcher")
@@ -29,6 +47,10 @@ logger = logging.getLogger("triton_launcher")
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - only for a container, whose published ports decide who reaches it
 LISTEN_ADDRESSES = (LOOPBACK, ALL_INTERFACES)
 """Both include loopback, where the launcher's probes and the watchdog connect; nothing else is offered."""
+SUPERVISOR_MARGIN_S = 5.0
+"""How much longer than the orderly stop itself (exit timeout + the stubs' grace) the main thread waits before it
+kills the server's group on its own: the supervisor kills it first unless something holds the supervisor up."""
+EXIT_CLEAN, EXIT_FAILED = 0, 1
 
 
 def listen_arguments(address: str) -> tuple[str, ...]:
@@ -41,18 +63,6 @@ def listen_arguments(address: str) -> tuple[str, ...]:
     if address == LOOPBACK:
         return ()
     return (f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}")
-
-
-class _StopRequestedError(Exception):
-    def __init__(self, signal_number: int) -> None:
-        super().__init__(signal.Signals(signal_number).name)
-
-
-def _raise_stop(signal_number: int, _frame: FrameType | None) -> None:
-    # A second Ctrl-C must not interrupt the orderly stop that the first one started.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _StopRequestedError(signal_number)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +90,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="probe every model by a real inference this often and restart tritonserver when one "
                              "fails; a dead stub or server is looked for every second (default: %(default)s; "
                              "0: no watchdog, serve exits when tritonserver does)")
+    parser.add_argument("--exit-timeout", type=int, default=DEFAULT_EXIT_TIMEOUT_S, metavar="SECONDS",
+                        help="on SIGINT or SIGTERM, requests in flight get this long to finish (tritonserver's "
+                             "--exit-timeout-secs); then, or on a second signal, the server's whole process group "
+                             "is killed (default: %(default)s)")
     parser.add_argument("--probe-timeout", type=float, default=DEFAULT_PROBE_TIMEOUT_S, metavar="SECONDS",
                         help="a watchdog probe that has no answer after this long counts as a fault; it waits in "
                              "the model's queue like any request (default: %(default)s)")
@@ -98,6 +112,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                      "positive number of seconds")
     if arguments.probe_timeout <= 0:
         parser.error(f"--probe-timeout={arguments.probe_timeout} is invalid: must be a positive number of seconds")
+    if not 0 <= arguments.exit_timeout <= MAX_EXIT_TIMEOUT_S:
+        parser.error(f"--exit-timeout={arguments.exit_timeout} is invalid: must be 0 to {MAX_EXIT_TIMEOUT_S} seconds")
     if arguments.ready_timeout <= 0:
         parser.error(f"--ready-timeout={arguments.ready_timeout} is invalid: must be a positive number of seconds")
     if arguments.model_repository is not None and not arguments.model_repository.is_dir():
@@ -109,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     arguments = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
-
     repository = arguments.model_repository or (TINY_REPOSITORY if arguments.tiny else MODEL_REPOSITORY)
     options = ServerOptions(
         model_repository=repository.resolve(),
@@ -120,39 +133,125 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=arguments.grpc_port,
         metrics_port=arguments.metrics_port,
         ready_timeout_s=arguments.ready_timeout,
+        exit_timeout_s=arguments.exit_timeout,
         executable=arguments.tritonserver,
         log_file=arguments.log_file,
         log_verbose=arguments.log_verbose,
         extra_args=listen_arguments(arguments.listen_address),
     )
     server = TritonServer(options)
-    try:
-        if arguments.dry_run:
+    if arguments.dry_run:
+        try:
             print(shlex.join(server.command()))
-            return 0
-        if arguments.tiny:
-            from .repository import build_tiny_repository
+        except LauncherError as error:
+            print(f"scripts/serve: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_CLEAN
 
-            logger.info("building the tiny models (cached after the first time)")
-            build_tiny_repository(repository)
-        with server:
-            logger.info("serving %s from %s; log: %s", ", ".join(server.models), repository,
+    with StopSignals() as signals:
+        supervisor = Supervisor(server, arguments, signals)
+        supervisor.start()
+        received = signals.wait()
+        if received == WOKEN:  # the server ended without being asked to (a start failure, the watchdog gave up)
+            return supervisor.exit_code
+        assert received is not None
+        name = signal.Signals(received).name
+        logger.info("%s received: stopping; requests in flight get up to %d s (send it again to stop at once)",
+                    name, options.exit_timeout_s)
+        server.request_stop()
+        if supervisor.building:
+            # No server yet, so nothing to drain; the tiny models' cache keeps only finished builds.
+            logger.info("stopped while building the tiny models")
+            _exit_without(supervisor, EXIT_CLEAN)
+        deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + SUPERVISOR_MARGIN_S
+        received = signals.wait(timeout_s=deadline_s)
+        if received == WOKEN:
+            return supervisor.exit_code
+        if received is None:
+            logger.error("not stopped within %.0f s: killing tritonserver's process group", deadline_s)
+        else:
+            logger.warning("second %s: killing tritonserver's process group now", signal.Signals(received).name)
+        server.kill()
+        # With its process gone the supervisor finishes at once (its state files); it is not waited for beyond
+        # that, so that a supervisor stuck elsewhere (building the tiny models) cannot hold the exit up.
+        if signals.wait(timeout_s=SUPERVISOR_MARGIN_S) != WOKEN:
+            logger.error("the supervisor did not finish; exiting without it")
+            _exit_without(supervisor, EXIT_FAILED)
+        return EXIT_FAILED
+
+
+def _exit_without(supervisor: threading.Thread, code: int) -> NoReturn:
+    """Exit now, leaving a supervisor thread that cannot be interrupted (building the tiny models, in torch):
+    an interpreter shutting down around a running daemon thread can abort on a lock that thread holds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Supervisor(threading.Thread):
+    """Starts the server, runs the watchdog until a stop is requested, and stops the server in order.
+
+    Servers are started (and restarted) from this thread, which lives as long as they do: the parent-death
+    signal that stops tritonserver if the launcher dies fires when the thread that started it ends.
+    """
+
+    def __init__(self, server: TritonServer, arguments: argparse.Namespace, signals: StopSignals) -> None:
+        super().__init__(name="supervisor", daemon=True)
+        self.server = server
+        self.arguments = arguments
+        self.signals = signals
+        self.exit_code = EXIT_FAILED
+        self.building = False
+        """True while the tiny models are built: that cannot be interrupted, and a stop need not wait for it."""
+
+    def run(self) -> None:
+        try:
+            self.exit_code = self._serve()
+        finally:
+            self.signals.wake()
+
+    def _serve(self) -> int:
+        server, arguments = self.server, self.arguments
+        outcome = EXIT_FAILED
+        try:
+            if arguments.tiny:
+                from .repository import build_tiny_repository
+
+                logger.info("building the tiny models (cached after the first time)")
+                self.building = True
+                build_tiny_repository(server.options.model_repository)
+                self.building = False
+            server.start()
+            server.wait_until_ready()
+            logger.info("serving %s from %s; log: %s", ", ".join(server.models), server.options.model_repository,
                         server.log_path or "stderr")
             print(f"READY {server.url}", flush=True)
             if arguments.watchdog_interval > 0:
-                # Runs until a signal interrupts it (here, in the main thread, which started the server).
-                Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run(threading.Event())
-            assert server.process is not None
-            code = server.process.wait()
-            logger.error("tritonserver exited on its own with code %s", code)
-            return 1
-    except _StopRequestedError as stop:
-        logger.info("%s received: stopping tritonserver", stop)
-        server.stop()
-        return 0
-    except LauncherError as error:
-        print(f"scripts/serve: {error}", file=sys.stderr)
-        return 1
+                Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run()
+            else:
+                server.wait_for_exit()
+            if server.stop_requested:
+                outcome = EXIT_CLEAN
+            else:
+                logger.error("tritonserver exited on its own with code %s", server.returncode)
+        except StopRequestedError as stop:
+            logger.info("%s", stop)
+            outcome = EXIT_CLEAN
+        except LauncherError as error:
+            if server.stop_requested:  # e.g. a start that the stop cut short: what was asked for happened
+                logger.info("stopped while starting: %s", str(error).split("\n", 1)[0])
+                outcome = EXIT_CLEAN
+            else:
+                print(f"scripts/serve: {error}", file=sys.stderr)
+        finally:
+            exited_in_time = server.stop()
+        if outcome == EXIT_CLEAN and not exited_in_time:
+            logger.error("tritonserver was killed with its process group: requests in flight were cut")
+            return EXIT_FAILED
+        if outcome == EXIT_CLEAN:
+            logger.info("stopped")
+        return outcome
 
 
 if __name__ == "__main__":

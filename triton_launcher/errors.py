@@ -13,3 +13,7 @@ class InstallationError(LauncherError):
 
 class ServerStartError(LauncherError):
     """tritonserver exited, or did not become ready, during start-up. The message ends with its log's tail."""
+
+
+class StopRequestedError(LauncherError):
+    """A stop was requested while the server was being started or restarted: that start was given up."""

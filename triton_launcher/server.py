@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ from inference_client.state import (
     state_dir_problem,
 )
 
-from .errors import ServerStartError
+from .errors import ServerStartError, StopRequestedError
 from .installation import TritonInstallation, find_installation
 from .paths import LOG_FILE, STATE_LOCK_FILE
 
@@ -50,6 +51,11 @@ RESTRICTED_API_GROUPS = (
     "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace", "logging",
 )
 """Triton API groups that need the key: all but ``health`` and ``metadata``, which probes and clients use."""
+DEFAULT_EXIT_TIMEOUT_S = 30
+"""Seconds in-flight requests get to finish once a stop is asked for (tritonserver's own default too)."""
+MAX_EXIT_TIMEOUT_S = 3600
+STUB_EXIT_GRACE_S = 5.0
+"""After tritonserver's exit timeout, how long its Python stubs get to exit before the group is killed."""
 RESTART_STOP_TIMEOUT_S = 10.0
 """A server restarted for a fault gets this long to finish in-flight requests. With a dead stub it does not
 exit by itself (it waits for the stub's requests, which never finish), so this is how long a restart waits."""
@@ -69,7 +75,9 @@ class ServerOptions:
     """None: http_port + 2."""
     ready_timeout_s: float = 900.0
     """Model loading (a hub download on first start) and the probe inferences must finish within this."""
-    stop_timeout_s: float = 60.0
+    exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S
+    """On a stop, requests in flight get this long (tritonserver's --exit-timeout-secs); the group is killed
+    :data:`STUB_EXIT_GRACE_S` later if it has not exited."""
     executable: Path | None = None
     """A tritonserver binary; None: the bundled one, else the one on PATH."""
     log_file: Path | None = None
@@ -145,6 +153,7 @@ def server_arguments(options: ServerOptions, installation: TritonInstallation, i
         "--strict-readiness=true",
         "--exit-on-error=true",
         "--disable-auto-complete-config",
+        f"--exit-timeout-secs={options.exit_timeout_s}",
         f"--log-verbose={options.log_verbose}",
         *options.extra_args,
     ]
@@ -189,7 +198,12 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
 
 class TritonServer:
-    """One tritonserver process and the state dir describing it."""
+    """One tritonserver process and the state dir describing it. One start per object.
+
+    Thread-safe where it must be: :meth:`request_stop` and :meth:`kill` may come from any thread while another
+    one starts, probes or restarts the server; once a stop is requested no tritonserver is launched any more, and
+    whatever waits for one gives up with StopRequestedError.
+    """
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
@@ -200,6 +214,11 @@ class TritonServer:
         """The decoupled models among :attr:`models`: they answer on gRPC streams, with progress."""
         self._log_handle: IO[bytes] | None = None
         self._state_lock: IO[bytes] | None = None
+        self._stop_requested = threading.Event()
+        self._killed = False
+        """:meth:`kill` was called: whatever the process did then, it did not stop in order."""
+        self._process_lock = threading.Lock()
+        """Held to replace :attr:`process`, so that a stop sent from another thread reaches the current one."""
 
     @property
     def url(self) -> str:
@@ -228,6 +247,52 @@ class TritonServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def wait_for_stop_request(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, woken by :meth:`request_stop`; whether a stop has been requested."""
+        return self._stop_requested.wait(timeout_s)
+
+    def request_stop(self) -> None:
+        """Begin an orderly stop, from any thread: tritonserver gets SIGTERM now (it refuses new requests and
+        finishes those in flight, for up to its exit timeout), no (re)start begins any more, and a start or probe
+        under way gives up. :meth:`stop` completes it."""
+        self._stop_requested.set()
+        with self._process_lock:
+            process = self.process
+            if process is not None and process.poll() is None:
+                logger.info("stopping tritonserver (pid %d): requests in flight get up to %d s", process.pid,
+                            self.options.exit_timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver's whole process group now, from any thread: a second stop signal, or a stop that
+        took too long. :meth:`stop` still cleans up after it."""
+        self._stop_requested.set()
+        with self._process_lock:
+            process = self.process
+            self._killed = True
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    @property
+    def returncode(self) -> int | None:
+        process = self.process
+        return None if process is None else process.poll()
+
+    def wait_for_exit(self) -> None:
+        """Block until tritonserver exits (by itself, or because a stop was requested)."""
+        while True:
+            process = self.process
+            if process is None or process.poll() is not None or self._stop_requested.is_set():
+                return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=_POLL_SECONDS * 5)
+
     def command(self) -> list[str]:
         """The command line that :meth:`start` runs (the key shown as ``<infer-key>``)."""
         return server_arguments(self.options, find_installation(self.options.executable), "<infer-key>")
@@ -249,9 +314,11 @@ class TritonServer:
         """Stop the process and start it again, ready, on the same ports with the same key and state dir.
 
         The watchdog's remedy for a crashed stub or server. The state dir stays locked and ``server.json`` stays
-        in place meanwhile, so clients see a server that is temporarily unavailable, not one that is gone.
+        in place meanwhile, so clients see a server that is temporarily unavailable, not one that is gone. A stop
+        requested meanwhile ends it with StopRequestedError, at whichever step it has reached.
         """
-        self._stop_process(timeout_s=min(self.options.stop_timeout_s, RESTART_STOP_TIMEOUT_S))
+        self._raise_if_stopping("tritonserver is not restarted")
+        self._stop_process(timeout_s=min(self.options.exit_timeout_s, RESTART_STOP_TIMEOUT_S))
         self._check_ports_free()
         self._launch()
         self.wait_until_ready()
@@ -268,8 +335,14 @@ class TritonServer:
         installation = find_installation(self.options.executable)
         output: IO[bytes] = sys.stderr.buffer if self._log_handle is None else self._log_handle
         arguments = server_arguments(self.options, installation, self.infer_key)
-        logger.info("starting %s on %s", installation.executable, self.url)
-        self.process = subprocess.Popen(
+        with self._process_lock:
+            self._raise_if_stopping("tritonserver is not started")
+            self.process = self._popen(arguments, installation, output)
+            logger.info("started %s (pid %d) on %s", installation.executable, self.process.pid, self.url)
+
+    @staticmethod
+    def _popen(arguments: list[str], installation: TritonInstallation, output: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             arguments,
             env=installation.environment(),
             stdin=subprocess.DEVNULL,
@@ -301,7 +374,8 @@ class TritonServer:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise ServerStartError(self._with_log(f"not ready after {self.options.ready_timeout_s:.0f} s"))
-            time.sleep(_POLL_SECONDS)
+            if self._stop_requested.wait(_POLL_SECONDS):
+                self._raise_if_stopping("the models were still loading")
         self.models = self._ready_models()
         if not self.models:
             raise ServerStartError(self._with_log(f"no model in {self.options.model_repository} is ready"))
@@ -313,12 +387,15 @@ class TritonServer:
         self._write_server_file()
 
     def probe(self, model: str, timeout_s: float = 300.0) -> None:
-        """One small real inference on ``model``; raise ServerStartError unless it returns a right-sized image."""
+        """One small real inference on ``model``; raise ServerStartError unless it returns a right-sized image,
+        StopRequestedError if a stop was asked for before or while it ran."""
+        self._raise_if_stopping(f"{model} is not probed")
         try:
             image = triton.probe_inference(f"{LOOPBACK}:{self.options.http_port}",
                                            f"{LOOPBACK}:{server_ports(self.options)['grpc']}", model, self.infer_key,
                                            streaming=model in self.streaming_models, timeout_s=timeout_s)
         except Exception as error:
+            self._raise_if_stopping(f"the probe of {model} ended with the server ({error})")
             self._check_alive()
             raise ServerStartError(self._with_log(f"probe inference on {model!r} failed: {error}")) from error
         if image.shape != (triton.PROBE_SIDE, triton.PROBE_SIDE, 3):
@@ -329,9 +406,12 @@ class TritonServer:
         return triton.http_client(f"{LOOPBACK}:{self.options.http_port}", timeout_s=timeout_s,
                                   concurrency=concurrency)
 
-    def stop(self) -> None:
-        """SIGTERM (Triton finishes in-flight requests and stops its stubs), then SIGKILL the whole group."""
-        self._stop_process(timeout_s=self.options.stop_timeout_s)
+    def stop(self) -> bool:
+        """SIGTERM (Triton refuses new requests, finishes those in flight within its exit timeout and stops its
+        stubs), then SIGKILL whatever is left of the group; release the state dir. Whether tritonserver exited
+        by itself in time (True also when it was not running; False when it was killed, here or by :meth:`kill`)."""
+        self._stop_requested.set()
+        exited = self._stop_process(timeout_s=self.options.exit_timeout_s + STUB_EXIT_GRACE_S)
         if self._state_lock is not None:  # only the server that holds the state dir may clear it
             (self.options.state_dir / SERVER_FILE).unlink(missing_ok=True)
             self._state_lock.close()
@@ -339,11 +419,16 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        return exited and not self._killed
 
-    def _stop_process(self, timeout_s: float) -> None:
-        process = self.process
+    def _stop_process(self, timeout_s: float) -> bool:
+        """Stop the current process (SIGTERM, up to ``timeout_s``, then SIGKILL of its group); whether it exited
+        by itself in time."""
+        with self._process_lock:
+            process = self.process
         if process is None:
-            return
+            return True
+        exited = True
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -351,11 +436,14 @@ class TritonServer:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
+                exited = False
         # Whatever is left of its group (a hung stub) goes too: nothing outlives the launcher.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        self.process = None
+        with self._process_lock:
+            if self.process is process:
+                self.process = None
         # The stubs die with the group, but a restart must not start loading models while they still hold
         # their GPU memory: wait (bounded: an unreaped zombie also counts) until the group is gone.
         deadline = time.monotonic() + _GROUP_EXIT_WAIT_S
@@ -363,11 +451,17 @@ class TritonServer:
             try:
                 os.killpg(process.pid, 0)
             except (ProcessLookupError, PermissionError):
-                return
+                break
             time.sleep(_POLL_SECONDS / 2)
+        return exited
+
+    def _raise_if_stopping(self, what: str) -> None:
+        if self._stop_requested.is_set():
+            raise StopRequestedError(f"stop requested: {what}")
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:
+            self._raise_if_stopping("tritonserver exited during start-up")
             code = None if self.process is None else self.process.returncode
             raise ServerStartError(self._with_log(f"tritonserver exited during start-up (exit code {code})"))
 

@@ -12,6 +12,10 @@ a model with two instances, one dead, is not left half-broken because the probe 
 A restart is the whole server, on the same ports with the same key (``TritonServer.restart``): model
 load/unload over Triton's API stays disabled, so that no client can swap models. On a GPU that means every
 model is loaded again, which takes as long as a start.
+
+A stop requested of the server (``TritonServer.request_stop``) ends the watch in whatever phase it is: a probe
+that fails because the server is stopping is no fault, a restart under way gives up, and the back-off between
+restarts is cut short.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ServerStartError
+from .errors import ServerStartError, StopRequestedError
 from .server import TritonServer
 
 logger = logging.getLogger(__name__)
@@ -74,20 +78,21 @@ class Watchdog:
         """Probes in a row that had no answer at all, per model."""
         self._restarted = threading.Condition()
 
-    def run(self, stop: threading.Event) -> None:
-        """Watch until ``stop`` is set; raise WatchdogGaveUpError if the server cannot be brought back.
+    def run(self) -> None:
+        """Watch until a stop of the server is requested; raise WatchdogGaveUpError if the server cannot be
+        brought back.
 
         Call it from the thread that started the server and that outlives it: the server is started with a
         parent-death signal that fires when the starting thread ends, and restarts start it from here.
         """
         next_probe = time.monotonic() + self.interval_s
-        while not stop.wait(_CRASH_CHECK_S):
+        while not self.server.wait_for_stop_request(_CRASH_CHECK_S):
             fault = self._crash()
             if fault is None and time.monotonic() >= next_probe:
                 fault = self.check()
                 next_probe = time.monotonic() + self.interval_s
-            if fault is not None and not stop.is_set():
-                self._recover(fault, stop)
+            if fault is not None and not self.server.stop_requested:
+                self._recover(fault)
                 next_probe = time.monotonic() + self.interval_s
 
     def check(self) -> Fault | None:
@@ -110,6 +115,8 @@ class Watchdog:
         started = _clock()
         try:
             self.server.probe(model, timeout_s=self.probe_timeout_s)
+        except StopRequestedError:
+            return None  # the server is stopping: whatever the probe met, it is no fault
         except ServerStartError as error:
             reason = str(error).split("\n", 1)[0]  # without the log tail that start-up errors carry
             if _QUEUE_FULL in reason or _QUEUE_TIMEOUT in reason:  # busy: Triton's queue answered for the model
@@ -128,7 +135,8 @@ class Watchdog:
         self._timeouts.pop(model, None)
         return None
 
-    def _recover(self, fault: Fault, stop: threading.Event) -> None:
+    def _recover(self, fault: Fault) -> None:
+        """Restart the server, with back-off, until it serves; return early when a stop is requested."""
         self.faults.append(fault)
         for attempt in range(1, MAX_FAILED_RESTARTS + 1):
             where = f"model {fault.model}" if fault.model else "the server"
@@ -136,10 +144,18 @@ class Watchdog:
                          fault.reason, attempt, MAX_FAILED_RESTARTS)
             try:
                 self.server.restart()
+            except StopRequestedError:
+                logger.info("watchdog: stop requested during the restart; not restarting")
+                return
             except Exception as error:  # any failure to start (ENOMEM from fork too) is one failed attempt
+                if self.server.stop_requested:
+                    logger.info("watchdog: stop requested during the restart (%s)", str(error).split("\n", 1)[0])
+                    return
                 logger.error("watchdog: restart failed: %s", error)
                 # Give what the last attempt held (GPU memory of killed stubs, ports) time to be released.
-                if stop.wait(self.restart_backoff_s * attempt):
+                backoff_s = self.restart_backoff_s * attempt
+                logger.info("watchdog: next restart attempt in %.0f s", backoff_s)
+                if self.server.wait_for_stop_request(backoff_s):
                     return
                 continue
             with self._restarted:

@@ -70,15 +70,14 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     with TritonServer(options) as server:
         # Probes every 2 s would catch a fault alone; the per-second crash check usually finds it first.
         watchdog = Watchdog(server, interval_s=2.0, probe_timeout_s=60.0)
-        stop = threading.Event()
-        thread = threading.Thread(target=watchdog.run, args=(stop,), name="watchdog")
+        thread = threading.Thread(target=watchdog.run, name="watchdog")
         thread.start()
         try:
             with CapabilityLayer(options.state_dir, retry_unavailable_s=RESTART_TIMEOUT_S) as layer, \
                     CapabilityLayer(options.state_dir, retry_unavailable_s=0) as impatient_layer:
                 yield Watched(server, watchdog, layer, impatient_layer)
         finally:
-            stop.set()
+            server.request_stop()
             thread.join()
 
 

@@ -18,6 +18,7 @@ import pytest
 from triton_launcher import healthcheck
 from triton_launcher.__main__ import ALL_INTERFACES, listen_arguments, parse_arguments
 from triton_launcher.paths import PROJECT_ROOT
+from triton_launcher.server import STUB_EXIT_GRACE_S
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -238,6 +239,15 @@ def _seconds(duration: str) -> float:
     match = re.fullmatch(r"(\d+)(s|m|h)", duration)
     assert match, duration
     return int(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def test_compose_gives_the_launcher_time_for_its_orderly_stop_before_docker_kills(service: dict[str, Any]) -> None:
+    launcher = parse_arguments(container_launcher_arguments(service))
+    grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
+    assert grace is not None
+    # The launcher's own bound: requests in flight, then the stubs; only then would it kill the group itself.
+    assert int(grace[1]) > launcher.exit_timeout + STUB_EXIT_GRACE_S
+    assert service["init"] is True  # PID 1 passes docker stop's SIGTERM on
 
 
 @pytest.mark.parametrize("python_version", ["3.10", "3.11"])

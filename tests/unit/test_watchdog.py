@@ -13,7 +13,7 @@ import pytest
 
 from triton_launcher import watchdog as watchdog_module
 from triton_launcher.__main__ import parse_arguments
-from triton_launcher.errors import ServerStartError
+from triton_launcher.errors import ServerStartError, StopRequestedError
 from triton_launcher.watchdog import Fault, Watchdog, WatchdogGaveUpError
 
 
@@ -27,6 +27,18 @@ class StandInServer:
         self.probe_errors = probe_errors
         self.failing_restarts = failing_restarts
         self.restart_calls = 0
+        self._stop = threading.Event()
+        self.restarting = threading.Event()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_for_stop_request(self, timeout_s: float) -> bool:
+        return self._stop.wait(timeout_s)
+
+    def request_stop(self) -> None:
+        self._stop.set()
 
     def probe(self, model: str, timeout_s: float) -> None:
         if model in self.probe_errors:
@@ -34,6 +46,7 @@ class StandInServer:
 
     def restart(self) -> None:
         self.restart_calls += 1
+        self.restarting.set()
         if self.restart_calls <= self.failing_restarts:
             raise ServerStartError("tritonserver exited during start-up (exit code 1)")
         self.close()
@@ -77,13 +90,12 @@ def test_a_server_process_that_exited_is_a_fault_and_is_restarted_until_it_serve
     server.close()
     watchdog = Watchdog(server, interval_s=60, restart_backoff_s=0)
     assert watchdog.check() == Fault(None, "tritonserver exited (exit code 0)")
-    stop = threading.Event()
-    runner = threading.Thread(target=watchdog.run, args=(stop,))
+    runner = threading.Thread(target=watchdog.run)
     runner.start()
     try:
         assert watchdog.wait_for_restarts(1, timeout_s=60)
     finally:
-        stop.set()
+        server.request_stop()
         runner.join()
     assert server.restart_calls == 3  # two failed attempts, then one that serves
     assert watchdog.restarts == 1
@@ -97,8 +109,35 @@ def test_the_watchdog_gives_up_after_restarts_that_keep_failing(server_factory: 
     fault = watchdog.check()
     assert fault is not None
     with pytest.raises(WatchdogGaveUpError, match="could not be brought back after 3 restarts"):
-        watchdog._recover(fault, threading.Event())
+        watchdog._recover(fault)
     assert server.restart_calls == watchdog_module.MAX_FAILED_RESTARTS
+
+
+def test_a_probe_cut_short_by_a_stop_is_no_fault(server_factory: Any) -> None:
+    server = server_factory()
+    server.probe = lambda model, timeout_s: (_ for _ in ()).throw(StopRequestedError("stop requested"))
+    server.request_stop()
+    assert Watchdog(server).check() is None
+
+
+def test_a_restart_that_fails_because_of_a_stop_is_not_tried_again(server_factory: Any) -> None:
+    server = server_factory(failing_restarts=watchdog_module.MAX_FAILED_RESTARTS)
+    server.request_stop()  # the failure comes from the stop: tritonserver was sent SIGTERM while it started
+    Watchdog(server, restart_backoff_s=0)._recover(Fault(None, "tritonserver exited (exit code 0)"))
+    assert server.restart_calls == 1
+
+
+def test_a_stop_ends_the_back_off_between_restarts(server_factory: Any) -> None:
+    server = server_factory(failing_restarts=watchdog_module.MAX_FAILED_RESTARTS)
+    watchdog = Watchdog(server, restart_backoff_s=3600)  # the back-off would last an hour
+    runner = threading.Thread(target=watchdog._recover, args=(Fault(None, "tritonserver exited (exit code 0)"),))
+    runner.start()
+    assert server.restarting.wait(60)
+    server.request_stop()
+    runner.join(60)
+    assert not runner.is_alive()
+    assert server.restart_calls == 1
+    assert watchdog.restarts == 0
 
 
 def test_a_dead_child_is_found_among_the_children_of_any_thread() -> None:
@@ -129,6 +168,7 @@ print(_dead_child(os.getpid()))
     [
         (["--watchdog-interval", "-1"], "--watchdog-interval=-1.0 is invalid: must be 0 (off) or a positive"),
         (["--probe-timeout", "0"], "--probe-timeout=0.0 is invalid: must be a positive number of seconds"),
+        (["--exit-timeout", "-1"], "--exit-timeout=-1 is invalid: must be 0 to 3600 seconds"),
     ],
 )
 def test_serve_refuses_watchdog_settings_that_cannot_work(
