@@ -1,6 +1,6 @@
 """Capability-based access to text-to-image generation on Triton: mint, delegate, give, revoke, textToImage.
 
-Light by design: no torch or diffusers, so host applications can embed it. See README.md ("Capabilities").
+Light by design: no torch or diffusers, so host applications can embed it. See docs/capabilities.md.
 """
 
 from inference_client.contract import Progress

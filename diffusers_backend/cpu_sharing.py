@@ -1,7 +1,7 @@
 """Sharing the machine's cores among the CPU instances of a server (every model's) generating at the same moment.
 
 Triton runs each instance of a Python-backend model in a process of its own, and each process has its own
-torch thread pool. On the CPU that forces a bad choice (measured in README.md, "Batching and instances"):
+torch thread pool. On the CPU that forces a bad choice (measured in docs/measurements.md, "Batching and instances"):
 
 - one thread per instance, two instances on two cores: more throughput under load than one instance, but a
   lone request takes 25 % longer than with every core;
@@ -24,7 +24,7 @@ should then have the same ``cpu_threads`` (the number of tokens); the default, e
 
 The thread count changes floating-point summation order: an image can differ by one uint8 step in a few
 pixels (0.001 to 0.004 % of them, measured on the tiny models) between a request that ran with every core and
-one that ran with a share. README.md states what that does to reproducibility.
+one that ran with a share; docs/contract.md ("Reproducibility") says what that means for callers.
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def _header(options: AddModelOptions, description: PipelineDescription, reason: 
     if description.prediction_type == "v_prediction":
         lines.append("# v-prediction: its scheduler config says so; nothing to set here.")
     lines += [
-        '# The tensor contract is the same for every model: see README.md ("Triton contract").',
+        '# The tensor contract is the same for every model: see docs/contract.md.',
         "# Parameters are parsed by diffusers_backend/settings.py, which lists every key with its rule.",
     ]
     return "\n".join(lines) + "\n"

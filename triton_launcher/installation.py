@@ -28,7 +28,7 @@ By default glibc maps every block over 128 KiB with mmap and returns it on free,
 128 KiB: each denoising step's tensors then come from freshly zeroed pages, and page faults cost tiny-flux
 (256², 4 steps, 2 CPUs) 8-12 ms of system time per 35-45 ms request. Blocks up to 32 MiB (glibc's maximum
 threshold on 64-bit) from the heap, and up to 64 MiB of free heap kept, made the same request 15-20 % faster
-in-process and through Triton alike, with no system time left (README.md, "Serving environment"). The
+in-process and through Triton alike, with no system time left (docs/measurements.md, "Serving environment"). The
 thresholds are fixed, so glibc's own adaptive threshold (which reaches the same state only after a large
 batch happens to have run) is off."""
 

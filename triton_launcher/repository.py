@@ -21,7 +21,7 @@ FAMILY_MODELS = tuple(family.name for family in FAMILIES)
 """Triton model names of the real repository: one per family, named after it."""
 TINY_CPU_INSTANCES = 2
 """Instances of each tiny model. On the CPU two instances that share the cores (cpu_sharing.py) give 1.1 to 1.4x
-the throughput of one under load; see README.md, "Batching and instances"."""
+the throughput of one under load; see docs/measurements.md, "Batching and instances"."""
 TINY_STREAMING = ("sd15",)
 """Families whose tiny model also has a streaming variant: one is enough to exercise the code all share."""
 SPARE_INSTANCE_PRIORITY = 1000

@@ -484,7 +484,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def print_report(results: dict[str, Any]) -> None:
-    """Everything in a results.json as the Markdown tables README.md shows."""
+    """Everything in a results.json as the Markdown tables docs/measurements.md shows."""
     machine_figures = results["machine"]
     print(f"{machine_figures['date']}, commit {machine_figures['commit'][:10]}: {machine_figures['cpus']} CPUs "
           f"({machine_figures['cpu']}), torch {machine_figures['versions']['torch']} with "

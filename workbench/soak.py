@@ -4,7 +4,7 @@ against a real tritonserver with the tiny models, every response checked against
 - **References first.** A small set of distinct request shapes (model, size, seed, prompt, steps) is generated
   once each, alone, before the load. Under load every response is decoded and compared with the reference of
   the shape its request asked for: same model, seed and size, and the same pixels within one uint8 step (the
-  documented reproducibility under batching and shared cores, README "Triton contract"; different noise differs
+  documented reproducibility under batching and shared cores, docs/contract.md; different noise differs
   by up to 255). A response that went to the wrong caller is caught, unless both asked for the same shape.
 - **Below the queue limit.** At most ``max_queue_size`` clients (16 per model), each with one request in flight,
   so no model's queue can overflow: every error counts as a failure, and 5xx answers are counted apart.

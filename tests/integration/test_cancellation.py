@@ -1,6 +1,6 @@
 """A caller that goes away does not keep the model busy: a cancelled gRPC call stops at the next step.
 
-Over HTTP Triton cannot see a caller leave (README "Overload and cancellation"); over gRPC it marks the
+Over HTTP Triton cannot see a caller leave (docs/contract.md, "Cancellation"); over gRPC it marks the
 request cancelled, and the model asks after every denoising step.
 """
 
