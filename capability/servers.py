@@ -100,7 +100,8 @@ class ServerKeys:
                 f"{url} is served over TLS, but progress and cancellation use plain gRPC, which would carry the "
                 "key unencrypted: generate without progress there, or reach the server through a tunnel")
         description = self._local_description(url)
-        address = None if description is None else description.grpc_address
+        # The key goes there too: even the launcher's own description must name the URL's host.
+        address = None if description is None else canonical_grpc_address(description.grpc_address, url)
         if address is None:
             row = self.store.read().execute("SELECT grpc_address FROM servers WHERE url = ?", (url,)).fetchone()
             address = None if row is None else row["grpc_address"]
@@ -336,16 +337,13 @@ def _unavailable(url: str, reason: str) -> str:
             "retry shortly (the layer retries requests that carry a seed by itself)")
 
 
-# Triton's own words for the refusals of a model's default_queue_policy (HTTP 503).
-_QUEUE_FULL = "Exceeds maximum queue size"
-_QUEUE_TIMEOUT = "Request timeout expired"
 
 
 def _queue_refusal(message: str) -> str | None:
     """Why Triton refused for the model's queue, in our words; None if that is not why."""
-    if _QUEUE_FULL in message:
+    if triton.QUEUE_FULL in message:
         return "the model's queue is full (its max_queue_size)"
-    if _QUEUE_TIMEOUT in message:
+    if triton.QUEUE_TIMEOUT in message:
         return "the request waited in the model's queue past its timeout (default_timeout_microseconds)"
     return None
 

@@ -33,6 +33,13 @@ from .state import grpc_key_headers, http_key_headers
 
 PROBE_SIDE = 64
 """Side of the probe's image: a multiple of every family's size multiple, cheap on any device."""
+QUEUE_FULL = "Exceeds maximum queue size"
+QUEUE_TIMEOUT = "Request timeout expired"
+"""Triton's own words when a model's ``default_queue_policy`` refuses a request (HTTP 503): the model is busy,
+not broken."""
+_SEND_FAILURE_WAIT_S = 10.0
+"""How long a stream that could not send its request waits for tritonclient's stream thread to report why."""
+_STREAM_SILENCE_MARGIN_S = 30.0
 _MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 """tritonclient's own bound; grpcio's default (4 MiB) is smaller than one 2048x2048 image."""
 
@@ -111,20 +118,30 @@ class ImageStream:
             for event in stream:   # Progress after every denoising step, then the GeneratedImage
                 ...
 
-    :meth:`cancel` (from any thread) cancels the gRPC call, which Triton passes on to the model as the request's
-    cancellation; iterating then raises StreamCancelledError. A server error arrives as tritonclient's
-    ``InferenceServerException`` (its ``status()`` is the gRPC code for a broken call, None for the model's error).
+    :meth:`cancel` (from any thread) has the reading thread cancel the gRPC call as soon as it next looks (at
+    once while it waits for the server, after the progress callback it may be in), which Triton passes on to the
+    model as the request's cancellation; iterating then raises StreamCancelledError. A server error arrives as
+    tritonclient's ``InferenceServerException`` (its ``status()`` is the gRPC code, e.g. ``StatusCode.UNAVAILABLE``,
+    for a broken call; None for the model's own error response).
     """
 
     def __init__(self, address: str, model: str, request: TextToImage, key: str, timeout_s: float) -> None:
+        from tritonclient.utils import InferenceServerException
+
         self._responses: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._client = grpc_client(address)
         self._open = True
+        self._silence_limit_s = timeout_s + _STREAM_SILENCE_MARGIN_S
+        self._send_failure: Exception | None = None
         try:
             self._client.start_stream(callback=self._receive, stream_timeout=timeout_s,
                                       headers=grpc_key_headers(key))
             # The final response is always heard, so a stream that ends without an image cannot hang the reader.
             self._client.async_stream_infer(model, grpc_inputs(request), enable_empty_final_response=True)
+        except InferenceServerException as error:
+            # tritonclient refuses to send once its stream thread has seen the call fail (a server that is down,
+            # a refused key), with a message that does not say why; that thread's error does, and is on its way.
+            self._send_failure = error
         except BaseException:
             self.close()
             raise
@@ -152,7 +169,7 @@ class ImageStream:
 
     def __iter__(self) -> Iterator[Progress | GeneratedImage]:
         while True:
-            item = self._responses.get()
+            item = self._next()
             if item is _CANCEL:
                 self.close()
                 raise StreamCancelledError("the request was cancelled")
@@ -160,17 +177,35 @@ class ImageStream:
             if error is not None:
                 raise error
             names = {output.name for output in result.get_response().outputs}
-            if {IMAGE, SEED} <= names:
-                # The image is the request's last response: end the stream now, without waiting for its close.
-                self.close()
-                yield read_result(result)
-                return
-            if set(PROGRESS_NAMES) <= names:
-                yield read_progress(result)
-            elif _is_final(result):
-                raise StreamError("the stream ended without an image")
-            else:
-                raise StreamError(f"a stream response with outputs {sorted(names)}: neither progress nor an image")
+            try:
+                if {IMAGE, SEED} <= names:
+                    image = read_result(result)
+                elif set(PROGRESS_NAMES) <= names:
+                    yield read_progress(result)
+                    continue
+                elif _is_final(result):
+                    raise StreamError("the stream ended without an image")
+                else:
+                    raise StreamError(f"a stream response with outputs {sorted(names)}: neither progress nor an "
+                                      "image")
+            except (ValueError, IndexError, TypeError) as malformed:  # tensors of the wrong shape or type
+                raise StreamError(f"a malformed stream response: {malformed}") from None
+            # The image is the request's last response: end the stream now, without waiting for its close.
+            self.close()
+            yield image
+            return
+
+    def _next(self) -> object:
+        """The next response, error or cancel. Bounded: should tritonclient's stream thread die without a word,
+        the stream's own deadline would never be heard."""
+        limit_s = _SEND_FAILURE_WAIT_S if self._send_failure is not None else self._silence_limit_s
+        try:
+            return self._responses.get(timeout=limit_s)
+        except queue.Empty:
+            self.close()
+            if self._send_failure is not None:
+                raise self._send_failure from None
+            raise StreamError(f"no word from the stream for {limit_s:.0f} s") from None
 
 
 def _is_final(result: Any) -> bool:

@@ -32,11 +32,13 @@ from .paths import MODEL_REPOSITORY, TINY_REPOSITORY
 from .server import (
     DEFAULT_EXIT_TIMEOUT_S,
     DEFAULT_HTTP_PORT,
+    GROUP_EXIT_WAIT_S,
     LOOPBACK,
     MAX_EXIT_TIMEOUT_S,
     STUB_EXIT_GRACE_S,
     ServerOptions,
     TritonServer,
+    become_subreaper,
 )
 from .signals import WOKEN, StopSignals
 from .watchdog import DEFAULT_INTERVAL_S, DEFAULT_PROBE_TIMEOUT_S, Watchdog
@@ -48,8 +50,9 @@ ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - only for a container, whose published
 LISTEN_ADDRESSES = (LOOPBACK, ALL_INTERFACES)
 """Both include loopback, where the launcher's probes and the watchdog connect; nothing else is offered."""
 SUPERVISOR_MARGIN_S = 5.0
-"""How much longer than the orderly stop itself (exit timeout + the stubs' grace) the main thread waits before it
-kills the server's group on its own: the supervisor kills it first unless something holds the supervisor up."""
+"""How much longer than the orderly stop itself (exit timeout, the stubs' grace, the wait for the group to be
+gone) the main thread waits before it kills the server's group on its own: the supervisor kills it first unless
+something holds the supervisor up."""
 EXIT_CLEAN, EXIT_FAILED = 0, 1
 
 
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         return EXIT_CLEAN
 
+    become_subreaper()  # the stubs of a server that died are reaped here, with or without an init
     with StopSignals() as signals:
         supervisor = Supervisor(server, arguments, signals)
         supervisor.start()
@@ -159,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s received: stopping; requests in flight get up to %d s (send it again to stop at once)",
                     name, options.exit_timeout_s)
         server.request_stop()
-        if supervisor.building:
-            # No server yet, so nothing to drain; the tiny models' cache keeps only finished builds.
-            logger.info("stopped while building the tiny models")
+        if supervisor.before_start:
+            # No server yet, so nothing to drain, and what comes before it (the tiny models' build, whose cache
+            # keeps only finished builds) need not be waited for; no server starts once a stop is requested.
+            logger.info("stopped before tritonserver was started")
             _exit_without(supervisor, EXIT_CLEAN)
-        deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + SUPERVISOR_MARGIN_S
+        deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + GROUP_EXIT_WAIT_S + SUPERVISOR_MARGIN_S
         received = signals.wait(timeout_s=deadline_s)
         if received == WOKEN:
             return supervisor.exit_code
@@ -202,8 +207,9 @@ class Supervisor(threading.Thread):
         self.arguments = arguments
         self.signals = signals
         self.exit_code = EXIT_FAILED
-        self.building = False
-        """True while the tiny models are built: that cannot be interrupted, and a stop need not wait for it."""
+        self.before_start = True
+        """True until tritonserver is about to be started: a stop then has nothing to drain and need not wait for
+        what the supervisor is doing (building the tiny models cannot be interrupted)."""
 
     def run(self) -> None:
         try:
@@ -212,47 +218,52 @@ class Supervisor(threading.Thread):
             self.signals.wake()
 
     def _serve(self) -> int:
-        server, arguments = self.server, self.arguments
-        outcome = EXIT_FAILED
+        server = self.server
         try:
-            if arguments.tiny:
-                from .repository import build_tiny_repository
-
-                logger.info("building the tiny models (cached after the first time)")
-                self.building = True
-                build_tiny_repository(server.options.model_repository)
-                self.building = False
-            server.start()
-            server.wait_until_ready()
-            logger.info("serving %s from %s; log: %s", ", ".join(server.models), server.options.model_repository,
-                        server.log_path or "stderr")
-            print(f"READY {server.url}", flush=True)
-            if arguments.watchdog_interval > 0:
-                Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run()
-            else:
-                server.wait_for_exit()
-            if server.stop_requested:
-                outcome = EXIT_CLEAN
-            else:
-                logger.error("tritonserver exited on its own with code %s", server.returncode)
+            stopped = self._start_and_watch()
         except StopRequestedError as stop:
             logger.info("%s", stop)
-            outcome = EXIT_CLEAN
-        except LauncherError as error:
-            if server.stop_requested:  # e.g. a start that the stop cut short: what was asked for happened
-                logger.info("stopped while starting: %s", str(error).split("\n", 1)[0])
-                outcome = EXIT_CLEAN
-            else:
-                print(f"scripts/serve: {error}", file=sys.stderr)
-        finally:
-            exited_in_time = server.stop()
-        if outcome == EXIT_CLEAN and not exited_in_time:
-            logger.error("tritonserver was killed with its process group: requests in flight were cut")
+            stopped = True
+        except Exception as error:
+            if not server.stop_requested:
+                server.stop()
+                if isinstance(error, LauncherError):
+                    print(f"scripts/serve: {error}", file=sys.stderr)
+                    return EXIT_FAILED
+                raise
+            # E.g. a start that the stop cut short: what was asked for happened.
+            logger.info("stopped while starting: %s", str(error).split("\n", 1)[0])
+            stopped = True
+        in_order = server.stop()
+        if not stopped:
             return EXIT_FAILED
-        if outcome == EXIT_CLEAN:
-            logger.info("stopped")
-        return outcome
+        if not in_order:
+            logger.error("tritonserver did not stop in order: requests in flight were cut")
+            return EXIT_FAILED
+        logger.info("stopped")
+        return EXIT_CLEAN
 
+    def _start_and_watch(self) -> bool:
+        """Start the server and watch it until a stop is requested (True) or it ends on its own (False)."""
+        server, arguments = self.server, self.arguments
+        if arguments.tiny:
+            from .repository import build_tiny_repository
+
+            logger.info("building the tiny models (cached after the first time)")
+            build_tiny_repository(server.options.model_repository)
+        self.before_start = False
+        server.start()  # refuses once a stop is requested
+        server.wait_until_ready()
+        logger.info("serving %s from %s; log: %s", ", ".join(server.models), server.options.model_repository,
+                    server.log_path or "stderr")
+        print(f"READY {server.url}", flush=True)
+        if arguments.watchdog_interval > 0:
+            Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run()
+        else:
+            server.wait_for_exit()
+        if not server.stop_requested:
+            logger.error("tritonserver exited on its own with code %s", server.returncode)
+        return server.stop_requested
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,7 +59,11 @@ STUB_EXIT_GRACE_S = 5.0
 RESTART_STOP_TIMEOUT_S = 10.0
 """A server restarted for a fault gets this long to finish in-flight requests. With a dead stub it does not
 exit by itself (it waits for the stub's requests, which never finish), so this is how long a restart waits."""
-_GROUP_EXIT_WAIT_S = 10.0
+GROUP_EXIT_WAIT_S = 10.0
+"""After the kill, how long a stop waits for every process of the group to be gone (and reaped)."""
+_ORDERLY_EXIT_CODES = (0, -signal.SIGTERM)
+"""How tritonserver ends when it stopped in order: 0, or killed by the SIGTERM itself while it was still loading
+models, before it had installed its handler (nothing was in flight then)."""
 _LOG_TAIL_LINES = 40
 _POLL_SECONDS = 0.2
 
@@ -182,6 +186,23 @@ def prepare_state_dir(state_dir: Path) -> None:
         raise ServerStartError(problem)
 
 
+def _reap_group(group: int) -> None:
+    """Reap the exited members of process group ``group`` that are our children: the stubs of a stopped server
+    once this process is their reaper (:func:`become_subreaper`, or PID 1 in a container without an init)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-group, os.WNOHANG)[0]:
+            pass
+
+
+def become_subreaper() -> None:
+    """Have orphaned descendants (the stubs of a tritonserver that died) reparented to this process rather than
+    to PID 1, which in a container may be this process anyway or something that never reaps: the launcher reaps
+    them as it stops each server (Linux prctl PR_SET_CHILD_SUBREAPER; elsewhere nothing changes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_child_subreaper = 36
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
 def _parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` that asks the kernel to SIGTERM the child when its parent dies (Linux prctl).
 
@@ -217,6 +238,8 @@ class TritonServer:
         self._stop_requested = threading.Event()
         self._killed = False
         """:meth:`kill` was called: whatever the process did then, it did not stop in order."""
+        self._terminated: subprocess.Popen[bytes] | None = None
+        """The process that :meth:`request_stop` sent SIGTERM to."""
         self._process_lock = threading.Lock()
         """Held to replace :attr:`process`, so that a stop sent from another thread reaches the current one."""
 
@@ -267,6 +290,7 @@ class TritonServer:
                             self.options.exit_timeout_s)
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
+                self._terminated = process
 
     def kill(self) -> None:
         """SIGKILL tritonserver's whole process group now, from any thread: a second stop signal, or a stop that
@@ -274,7 +298,8 @@ class TritonServer:
         self._stop_requested.set()
         with self._process_lock:
             process = self.process
-            self._killed = True
+            if process is not None and process.poll() is None:
+                self._killed = True
         if process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -298,6 +323,7 @@ class TritonServer:
         return server_arguments(self.options, find_installation(self.options.executable), "<infer-key>")
 
     def start(self) -> None:
+        self._raise_if_stopping("tritonserver is not started")
         state_dir = self.options.state_dir
         prepare_state_dir(state_dir)
         self._lock_state_dir()
@@ -335,10 +361,19 @@ class TritonServer:
         installation = find_installation(self.options.executable)
         output: IO[bytes] = sys.stderr.buffer if self._log_handle is None else self._log_handle
         arguments = server_arguments(self.options, installation, self.infer_key)
+        self._raise_if_stopping("tritonserver is not started")
+        # Started outside the lock, so that a stop never waits on a fork; a stop that came meanwhile is passed
+        # on to the new process here, once it is published.
+        process = self._popen(arguments, installation, output)
         with self._process_lock:
-            self._raise_if_stopping("tritonserver is not started")
-            self.process = self._popen(arguments, installation, output)
-            logger.info("started %s (pid %d) on %s", installation.executable, self.process.pid, self.url)
+            self.process = process
+            stopping = self._stop_requested.is_set()
+        logger.info("started %s (pid %d) on %s", installation.executable, process.pid, self.url)
+        if stopping:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            self._terminated = process
+            self._raise_if_stopping("tritonserver was stopped as it started")
 
     @staticmethod
     def _popen(arguments: list[str], installation: TritonInstallation, output: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -376,10 +411,15 @@ class TritonServer:
                 raise ServerStartError(self._with_log(f"not ready after {self.options.ready_timeout_s:.0f} s"))
             if self._stop_requested.wait(_POLL_SECONDS):
                 self._raise_if_stopping("the models were still loading")
-        self.models = self._ready_models()
+        try:
+            self.models = self._ready_models()
+            self.streaming_models = {model for model in self.models if self._is_decoupled(model)}
+        except (OSError, ValueError) as error:  # urllib's errors are OSErrors; a broken answer a ValueError
+            self._raise_if_stopping(f"the server stopped answering ({error})")
+            self._check_alive()
+            raise ServerStartError(self._with_log(f"reading the model repository failed: {error}")) from error
         if not self.models:
             raise ServerStartError(self._with_log(f"no model in {self.options.model_repository} is ready"))
-        self.streaming_models = {model for model in self.models if self._is_decoupled(model)}
         # A ready model can still be broken (a dead stub answers readiness: Triton issue 8604): only a real
         # inference on each model proves it serves.
         for model in self.models:
@@ -422,13 +462,16 @@ class TritonServer:
         return exited and not self._killed
 
     def _stop_process(self, timeout_s: float) -> bool:
-        """Stop the current process (SIGTERM, up to ``timeout_s``, then SIGKILL of its group); whether it exited
-        by itself in time."""
+        """Stop the current process (SIGTERM, up to ``timeout_s``, then SIGKILL of its group); whether it stopped
+        in order: by itself, in time, and with an exit code that says it finished what it had."""
         with self._process_lock:
             process = self.process
         if process is None:
             return True
         exited = True
+        # Sent SIGTERM, here or by request_stop(): then its exit code says whether it finished in order. One that
+        # had crashed, or failed to start, before is not judged here.
+        stopped_by_us = process.poll() is None or process is self._terminated
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -437,6 +480,12 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
                 exited = False
+        if exited and stopped_by_us and process.returncode not in _ORDERLY_EXIT_CODES:
+            # After "Exit timeout expired. Exiting immediately." tritonserver 2.51 exits 1, or crashes (-11, seen).
+            logger.warning("tritonserver ended with code %s on the stop, not in order: its exit timeout (%d s) ran "
+                           "out with requests in flight, or it failed while stopping", process.returncode,
+                           self.options.exit_timeout_s)
+            exited = False
         # Whatever is left of its group (a hung stub) goes too: nothing outlives the launcher.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -446,8 +495,9 @@ class TritonServer:
                 self.process = None
         # The stubs die with the group, but a restart must not start loading models while they still hold
         # their GPU memory: wait (bounded: an unreaped zombie also counts) until the group is gone.
-        deadline = time.monotonic() + _GROUP_EXIT_WAIT_S
+        deadline = time.monotonic() + GROUP_EXIT_WAIT_S
         while time.monotonic() < deadline:
+            _reap_group(process.pid)
             try:
                 os.killpg(process.pid, 0)
             except (ProcessLookupError, PermissionError):

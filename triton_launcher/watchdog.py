@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference_client import triton
+
 from .errors import ServerStartError, StopRequestedError
 from .server import TritonServer
 
@@ -42,9 +44,6 @@ RESTART_BACKOFF_S = 5.0
 """Wait before a further restart attempt, times the attempts so far."""
 _CRASH_CHECK_S = 1.0
 _clock = time.monotonic  # how long a probe took (tests replace it)
-# Triton's refusals for a model's queue (the capability layer reports them as ServerBusyError).
-_QUEUE_FULL = "Exceeds maximum queue size"
-_QUEUE_TIMEOUT = "Request timeout expired"
 
 
 class WatchdogGaveUpError(ServerStartError):
@@ -119,7 +118,8 @@ class Watchdog:
             return None  # the server is stopping: whatever the probe met, it is no fault
         except ServerStartError as error:
             reason = str(error).split("\n", 1)[0]  # without the log tail that start-up errors carry
-            if _QUEUE_FULL in reason or _QUEUE_TIMEOUT in reason:  # busy: Triton's queue answered for the model
+            # Busy, not broken: Triton's queue answered for the model.
+            if triton.QUEUE_FULL in reason or triton.QUEUE_TIMEOUT in reason:
                 logger.info("watchdog: %s is busy (%s); its probe waits for the next round", model, reason)
                 self._timeouts.pop(model, None)
                 return None

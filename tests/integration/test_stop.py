@@ -190,7 +190,7 @@ def test_a_stop_while_the_tiny_models_are_built_exits_at_once(launched_tiny: Lau
     launched_tiny.stop()
     assert launched_tiny.exit_code() == 0
     assert launched_tiny.server_pids() == []  # no server was started
-    assert "stopped while building the tiny models" in launched_tiny.log()
+    assert "stopped before tritonserver was started" in launched_tiny.log()
 
 
 @pytest.fixture
@@ -231,7 +231,8 @@ def test_a_stop_during_a_watchdog_probe_lets_requests_in_flight_finish_and_exits
     assert outcome.image.shape == (LONG_SIDE, LONG_SIDE, 3)
     assert outcome.image.dtype == np.uint8
     assert f"{signal.Signals(signal_number).name} received: stopping" in launched.log()
-    assert "watchdog" not in launched.log().split("SIGTERM received", 1)[1]  # the stop was no fault to it
+    after_the_signal = launched.log().split(f"{signal.Signals(signal_number).name} received", 1)[1]
+    assert "watchdog" not in after_the_signal  # the stop was no fault to it
     assert_nothing_left(launched)
 
 
@@ -280,10 +281,28 @@ def test_a_second_signal_kills_the_server_group_at_once_and_exits_1(launched: La
         pytest.fail(f"a second SIGTERM did not end the launcher within {MARGIN_S:.0f} s:\n{launched.log()}")
     assert code == 1
     assert "second SIGTERM: killing tritonserver's process group now" in launched.log()
-    assert "killed with its process group: requests in flight were cut" in launched.log()
+    assert "did not stop in order: requests in flight were cut" in launched.log()
     assert_nothing_left(launched)
     outcomes = generations.join()
     assert not any(isinstance(outcome, contract.GeneratedImage) for outcome in outcomes), outcomes  # cut short
+
+
+@pytest.mark.parametrize("launched", [((), {"exit_timeout_s": 1})], indirect=True)
+def test_requests_that_outlast_the_exit_timeout_are_cut_and_the_launcher_exits_1(
+    launched: Launcher, tmp_path: Path,
+) -> None:
+    launched.wait_until_ready()
+    generations = Generations(launched, launched.infer_key(tmp_path), count=2)
+    wait_for_a_queued_request(launched)  # one generation runs (seconds), the other waits for it
+    launched.stop()
+
+    assert launched.exit_code() == 1
+    # tritonserver says "Exit timeout expired. Exiting immediately." and exits 1 (or crashes on the way out).
+    assert re.search(r"tritonserver ended with code -?\d+ on the stop, not in order", launched.log())
+    assert "did not stop in order: requests in flight were cut" in launched.log()
+    assert_nothing_left(launched)
+    outcomes = generations.join()
+    assert not any(isinstance(outcome, contract.GeneratedImage) for outcome in outcomes), outcomes
 
 
 @pytest.mark.parametrize("launched", [((), {"exit_timeout_s": 1})], indirect=True)
@@ -297,5 +316,5 @@ def test_a_server_that_does_not_stop_in_time_is_killed_with_its_group_and_the_la
 
     assert launched.exit_code() == 1
     assert f"tritonserver did not stop within {launched.exit_timeout_s + STUB_EXIT_GRACE_S:.0f} s" in launched.log()
-    assert "killed with its process group: requests in flight were cut" in launched.log()
+    assert "did not stop in order: requests in flight were cut" in launched.log()
     assert_nothing_left(launched)

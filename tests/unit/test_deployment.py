@@ -245,8 +245,9 @@ def test_compose_gives_the_launcher_time_for_its_orderly_stop_before_docker_kill
     launcher = parse_arguments(container_launcher_arguments(service))
     grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
     assert grace is not None
-    # The launcher's own bound: requests in flight, then the stubs; only then would it kill the group itself.
-    assert int(grace[1]) > launcher.exit_timeout + STUB_EXIT_GRACE_S
+    # The launcher's own bound: requests in flight, then the stubs; only then would it kill the group itself,
+    # and reap it: docs/serving.md asks for 10 s more than those two.
+    assert int(grace[1]) >= launcher.exit_timeout + STUB_EXIT_GRACE_S + 10
     assert service["init"] is True  # PID 1 passes docker stop's SIGTERM on
 
 
