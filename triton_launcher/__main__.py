@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             # No server yet, so nothing to drain, and what comes before it (the tiny models' build, whose cache
             # keeps only finished builds) need not be waited for; no server starts once a stop is requested.
             logger.info("stopped before tritonserver was started")
-            _exit_without(supervisor, EXIT_CLEAN)
+            _exit_without(EXIT_CLEAN)
         deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + GROUP_EXIT_WAIT_S + SUPERVISOR_MARGIN_S
         received = signals.wait(timeout_s=deadline_s)
         if received == WOKEN:
@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         # that, so that a supervisor stuck elsewhere (building the tiny models) cannot hold the exit up.
         if signals.wait(timeout_s=SUPERVISOR_MARGIN_S) != WOKEN:
             logger.error("the supervisor did not finish; exiting without it")
-            _exit_without(supervisor, EXIT_FAILED)
+            _exit_without(EXIT_FAILED)
         return EXIT_FAILED
 
 
-def _exit_without(supervisor: threading.Thread, code: int) -> NoReturn:
-    """Exit now, leaving a supervisor thread that cannot be interrupted (building the tiny models, in torch):
+def _exit_without(code: int) -> NoReturn:
+    """Exit now, leaving behind a supervisor that cannot be interrupted (building the tiny models, in torch):
     an interpreter shutting down around a running daemon thread can abort on a lock that thread holds."""
     logging.shutdown()
     sys.stdout.flush()
