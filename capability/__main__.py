@@ -25,7 +25,7 @@ from .capabilities import Capabilities, Capability
 from .errors import CapabilityError, GenerationCancelledError, StoreError
 from .generation import Generation, TextToImage
 from .servers import ServerKeys
-from .store import STORE_FILE, Store
+from .store import STORE_FILE, STORE_VARIABLE, Store, open_store, sqlite_path, store_url
 
 
 def _positive(text: str) -> int:
@@ -85,7 +85,12 @@ def _add_audit_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, default=STATE_DIR,
-                        help="state dir of scripts/serve, holding the store (default: %(default)s)")
+                        help="state dir of scripts/serve: the local server's key, and the SQLite store unless "
+                             "--store names another (default: %(default)s)")
+    common.add_argument("--store", metavar="URL", default=None,
+                        help=f"the capability store: sqlite:///PATH or postgresql://USER@HOST:PORT/DB, the password "
+                             f"from PGPASSFILE, PGPASSWORD or a service file (default: ${STORE_VARIABLE}, else "
+                             f"{STORE_FILE} in the state dir)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     acting = argparse.ArgumentParser(add_help=False)
     acting.add_argument("--as", dest="entity", required=True, metavar="ENTITY", help="the entity acting")
@@ -142,23 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _restrictions(arguments: argparse.Namespace) -> dict[str, Any]:
+def _restrictions(arguments: argparse.Namespace, capabilities: Capabilities) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in ("allowed_models", "max_concurrent", "max_width", "max_height", "max_steps", "default_model"):
         value = getattr(arguments, name, None)
         if value is not None:
             values[name] = value
-    if arguments.expires_in is not None:
-        values["expires_at"] = time.time() + arguments.expires_in
+    if arguments.expires_in is not None:  # from the store's clock, which judges expiry, not this host's
+        values["expires_at"] = capabilities.now() + arguments.expires_in
     return values
 
 
-def _open_store(state_dir: Path, create: bool = False) -> Store:
-    path = state_dir / STORE_FILE
-    if not create and not path.exists():
-        raise StoreError(f"no capability store at {path}: create it with "
-                         f"python -m capability init --admin ENTITY --state-dir {state_dir}")
-    return Store(path)
+def _open_store(arguments: argparse.Namespace) -> Store:
+    url = store_url(arguments.store, arguments.state_dir)
+    if arguments.command != "init" and url.startswith("sqlite:") and not sqlite_path(url).exists():
+        where = f"--store {url}" if arguments.store else f"--state-dir {arguments.state_dir}"
+        raise StoreError(f"no capability store at {sqlite_path(url)}: create it with "
+                         f"python -m capability init --admin ENTITY {where}")
+    return open_store(url, arguments.state_dir)
 
 
 Result = tuple[Any, str]
@@ -172,13 +178,13 @@ def _init(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
 
 def _mint(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
     params = {"server_url": arguments.server_url, "default_model": arguments.default_model,
-              **_restrictions(arguments)}
+              **_restrictions(arguments, capabilities)}
     minted = capabilities.mint(arguments.entity, arguments.authority, params)
     return minted.as_dict(), minted.id
 
 
 def _delegate(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
-    child = capabilities.delegate(arguments.entity, arguments.cap, _restrictions(arguments))
+    child = capabilities.delegate(arguments.entity, arguments.cap, _restrictions(arguments, capabilities))
     return child.as_dict(), child.id
 
 
@@ -213,8 +219,8 @@ def _audit(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
 
 
 def _register_server(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
-    key = arguments.key_file.read_text(encoding="utf-8")
-    url = ServerKeys(capabilities.store, arguments.state_dir).register(arguments.url, key, arguments.grpc_address)
+    url = ServerKeys(capabilities.store, arguments.state_dir).register(arguments.url, arguments.key_file,
+                                                                       arguments.grpc_address)
     return {"registered": url}, f"registered the key of {url}"
 
 
@@ -290,7 +296,7 @@ COMMANDS = {
 
 def run(arguments: argparse.Namespace) -> Result:
     """Carry out one command."""
-    store = _open_store(arguments.state_dir, create=arguments.command == "init")
+    store = _open_store(arguments)
     try:
         return COMMANDS[arguments.command](arguments, Capabilities(store))
     finally:

@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 from inference_client.contract import describe_value
 
 from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
-from .store import Store
+from .store import Db, Store
 
 GENERATE = "diffusers.generate"
 MINT = "sys.mint"
@@ -226,7 +225,7 @@ class Capability:
     revoked_at: float | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Capability:
+    def from_row(cls, row: Mapping[str, Any]) -> Capability:
         return cls(id=row["id"], type=row["type"], owner=row["owner"], params=json.loads(row["params"]),
                    parent_id=row["parent_id"], created_at=row["created_at"], expires_at=row["expires_at"],
                    revoked_at=row["revoked_at"])
@@ -249,9 +248,19 @@ class Grant:
 class Capabilities:
     """The operations on capabilities, over one store."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] | None = None) -> None:
+        """``clock``: a stand-in for the store's clock (:meth:`Store.now`), for tests of expiry."""
         self.store = store
         self.clock = clock
+
+    def now(self) -> float:
+        """The time by which expiry is judged: the store's (the database server's, for PostgreSQL)."""
+        return self._now()
+
+    def _now(self, db: Db | None = None) -> float:
+        if self.clock is not None:
+            return self.clock()
+        return self.store.now(self.store.read() if db is None else db)
 
     # --- authorities ---------------------------------------------------------------------------------------
 
@@ -261,11 +270,12 @@ class Capabilities:
         if not namespace or not all(part.isidentifier() for part in namespace.split(".")):
             raise InvalidParamsError(f"namespace {namespace!r} is invalid: must be dotted names like 'diffusers'")
         with self.store.write() as db:
-            return self._insert(db, MINT, admin, {"namespace": namespace}, parent_id=None, expires_at=None)
+            return self._insert(db, MINT, admin, {"namespace": namespace}, parent_id=None, expires_at=None,
+                                now=self._now(db))
 
     def mint(self, entity: str, authority_id: str, params: Mapping[str, Any],
              capability_type: str = GENERATE) -> Capability:
-        now = self.clock()
+        now = self._now()
         with self._recording_denials(entity, authority_id, "mint"):
             check_entity(entity)
             if capability_type != GENERATE:
@@ -282,15 +292,15 @@ class Capabilities:
                 raise DeniedError(f"authority {authority_id!r} mints in namespace {namespace!r}, which does not "
                                   f"cover {capability_type!r}")
             minted = self._insert(db, capability_type, entity, generate.as_json(), parent_id=authority_id,
-                                  expires_at=expires_at)
-            self._audit(db, entity, minted.id, "mint", "ok", detail=f"by authority {authority_id}")
+                                  expires_at=expires_at, now=now)
+            self._audit(db, entity, minted.id, "mint", "ok", detail=f"by authority {authority_id}", at=now)
             return minted
 
     # --- delegation, transfer, revocation --------------------------------------------------------------------
 
     def delegate(self, entity: str, capability_id: str, restrictions: Mapping[str, Any]) -> Capability:
         """A child capability owned by ``entity``, never wider than its parent in any respect."""
-        now = self.clock()
+        now = self._now()
         with self._recording_denials(entity, capability_id, "delegate"), self.store.write() as db:
             grant = self._grant(db, entity, capability_id, now, "delegate")
             params = grant.params.narrowed(restrictions)
@@ -299,13 +309,13 @@ class Capabilities:
             if expires_at is not None and parent_expiry is not None and expires_at > parent_expiry:
                 raise InvalidParamsError(f"expires_at={expires_at} is later than the parent's {parent_expiry}")
             child = self._insert(db, GENERATE, entity, params.as_json(), parent_id=capability_id,
-                                 expires_at=expires_at or parent_expiry)
-            self._audit(db, entity, child.id, "delegate", "ok", detail=f"from {capability_id}")
+                                 expires_at=expires_at or parent_expiry, now=now)
+            self._audit(db, entity, child.id, "delegate", "ok", detail=f"from {capability_id}", at=now)
             return child
 
     def give(self, entity: str, capability_id: str, recipient: str) -> Capability:
         """Move ownership to ``recipient``: the giver can no longer use, delegate or give it."""
-        now = self.clock()
+        now = self._now()
         with self._recording_denials(entity, capability_id, "give"), self.store.write() as db:
             check_entity(recipient, "recipient")
             capability = self._held(db, entity, capability_id, "give")
@@ -321,12 +331,12 @@ class Capabilities:
                 raise DeniedError(f"cannot give capability {capability_id!r} while {entity!r} holds capabilities "
                                   f"delegated from it ({', '.join(kept)}): revoke or give those first")
             db.execute("UPDATE capabilities SET owner = ? WHERE id = ?", (recipient, capability_id))
-            self._audit(db, entity, capability_id, "give", "ok", detail=f"to {recipient}")
+            self._audit(db, entity, capability_id, "give", "ok", detail=f"to {recipient}", at=now)
             return self._load(db, capability_id)
 
     def revoke(self, entity: str, capability_id: str) -> list[str]:
         """Disable the capability and all its descendants. Allowed to its owner and to any ancestor's owner."""
-        now = self.clock()
+        now = self._now()
         with self._recording_denials(entity, capability_id, "revoke"), self.store.write() as db:
             capability = self._find(db, capability_id)
             owners = {link.owner for link in self._chain(db, capability)} if capability else set()
@@ -335,11 +345,13 @@ class Capabilities:
                                   f"{describe_value(entity)} nor below a capability it holds")
             subtree = [row["id"] for row in db.execute(
                 """WITH RECURSIVE subtree(id) AS (
-                       SELECT ? UNION SELECT c.id FROM capabilities c JOIN subtree s ON c.parent_id = s.id)
+                       SELECT CAST(? AS TEXT)
+                       UNION SELECT c.id FROM capabilities c JOIN subtree s ON c.parent_id = s.id)
                    SELECT id FROM subtree""", (capability_id,))]
             db.executemany("UPDATE capabilities SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                            [(now, identifier) for identifier in subtree])
-            self._audit(db, entity, capability_id, "revoke", "ok", detail=f"{len(subtree)} capabilities disabled")
+            self._audit(db, entity, capability_id, "revoke", "ok", detail=f"{len(subtree)} capabilities disabled",
+                        at=now)
             return subtree
 
     # --- reading -----------------------------------------------------------------------------------------
@@ -392,15 +404,15 @@ class Capabilities:
             return []  # SQLite cannot bind a lone surrogate, and no stored name holds one
         rows = db.execute(_AUDIT_QUERY, {
             "reader": reader, "capability_id": capability_id, "entity": entity, "action": action,
-            "outcome": outcome, "since": since, "until": until, "limit": -1 if limit is None else limit})
+            "outcome": outcome, "since": since, "until": until, "limit": _NO_LIMIT if limit is None else limit})
         return [dict(row) for row in rows]
 
     # --- use ---------------------------------------------------------------------------------------------------
 
     def authorize(self, entity: str, capability_id: str) -> Grant:
         """Check that ``entity`` may generate with ``capability_id`` now; record a denial if not."""
-        now = self.clock()
         db = self.store.read()
+        now = self._now(db)
         try:
             return self._grant(db, entity, capability_id, now, "use")
         except DeniedError as error:
@@ -422,8 +434,9 @@ class Capabilities:
         not queue). Slots are leases that expire after :data:`LEASE_SECONDS` unless renewed, so a holder that
         dies frees its slot by then.
         """
-        now = self.clock()
         with self.store.write() as db:
+            self._lock_chain(db, capability_id)
+            now = self._now(db)
             grant = self._grant(db, entity, capability_id, now, "use")
             lease = "lease_" + secrets.token_urlsafe(16)
             self._take_slot(db, lease, grant, now)
@@ -432,10 +445,11 @@ class Capabilities:
     def renew_slot(self, entity: str, capability_id: str, lease: str) -> None:
         """Extend a lease. One that was reaped meanwhile (its holder stalled past its expiry) is taken again
         if the budget still has room; otherwise ConcurrencyLimitError says the slot is lost."""
-        now = self.clock()
         with self.store.write() as db:
+            now = self._now(db)
             renewed = db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + LEASE_SECONDS, lease))
             if renewed.rowcount == 0:
+                self._lock_chain(db, capability_id)
                 self._take_slot(db, lease, self._grant(db, entity, capability_id, now, "use"), now)
 
     def release_slot(self, lease: str, record: Mapping[str, Any] | None = None) -> None:
@@ -448,7 +462,11 @@ class Capabilities:
 
     # --- internals -----------------------------------------------------------------------------------------------
 
-    def _take_slot(self, db: sqlite3.Connection, lease: str, grant: Grant, now: float) -> None:
+    def _lock_chain(self, db: Db, capability_id: str) -> None:
+        if isinstance(capability_id, str) and _is_utf8(capability_id):  # else no such capability: refused next
+            self.store.lock_capability_chain(db, capability_id, MAX_CHAIN_LENGTH)
+
+    def _take_slot(self, db: Db, lease: str, grant: Grant, now: float) -> None:
         budgets = [link for link in grant.chain if link.type == GENERATE]
         expired = [row["id"] for row in db.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
         db.executemany("DELETE FROM leases WHERE id = ?", [(old,) for old in expired])
@@ -456,8 +474,8 @@ class Capabilities:
             limit = link.params.get("max_concurrent")
             if limit is None:
                 continue
-            (in_use,) = db.execute("SELECT COUNT(*) FROM lease_budgets WHERE capability_id = ?",
-                                   (link.id,)).fetchone()
+            in_use = db.execute("SELECT COUNT(*) AS in_use FROM lease_budgets WHERE capability_id = ?",
+                                (link.id,)).fetchone()["in_use"]
             if in_use >= limit:
                 raise ConcurrencyLimitError(
                     f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
@@ -478,30 +496,29 @@ class Capabilities:
                         detail=str(error))
             raise
 
-    def _insert(self, db: sqlite3.Connection, capability_type: str, owner: str, params: dict[str, Any], *,
-                parent_id: str | None, expires_at: float | None) -> Capability:
+    def _insert(self, db: Db, capability_type: str, owner: str, params: dict[str, Any], *,
+                parent_id: str | None, expires_at: float | None, now: float) -> Capability:
         identifier = new_capability_id()
         db.execute(
             "INSERT INTO capabilities (id, type, owner, params, parent_id, created_at, expires_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (identifier, capability_type, owner, json.dumps(params, sort_keys=True), parent_id, self.clock(),
-             expires_at),
+            (identifier, capability_type, owner, json.dumps(params, sort_keys=True), parent_id, now, expires_at),
         )
         return self._load(db, identifier)
 
-    def _find(self, db: sqlite3.Connection, capability_id: object) -> Capability | None:
+    def _find(self, db: Db, capability_id: object) -> Capability | None:
         # No stored id holds a lone surrogate (ids are URL-safe base64), and SQLite would refuse to bind one.
         if not isinstance(capability_id, str) or not _is_utf8(capability_id):
             return None
         row = db.execute("SELECT * FROM capabilities WHERE id = ?", (capability_id,)).fetchone()
         return Capability.from_row(row) if row else None
 
-    def _load(self, db: sqlite3.Connection, capability_id: str) -> Capability:
+    def _load(self, db: Db, capability_id: str) -> Capability:
         capability = self._find(db, capability_id)
         assert capability is not None
         return capability
 
-    def _held(self, db: sqlite3.Connection, entity: str, capability_id: str, verb: str) -> Capability:
+    def _held(self, db: Db, entity: str, capability_id: str, verb: str) -> Capability:
         capability = self._find(db, capability_id)
         # One message for "no such id" and "someone else's": ids are not to be probed for.
         if capability is None or capability.owner != entity:
@@ -509,7 +526,7 @@ class Capabilities:
                               f"{describe_value(entity)}")
         return capability
 
-    def _chain(self, db: sqlite3.Connection, capability: Capability) -> list[Capability]:
+    def _chain(self, db: Db, capability: Capability) -> list[Capability]:
         chain = [capability]
         while chain[-1].parent_id is not None:
             if len(chain) >= MAX_CHAIN_LENGTH:
@@ -527,7 +544,7 @@ class Capabilities:
         if capability.expires_at is not None and capability.expires_at <= now:
             raise DeniedError(f"capability {capability.id!r} expired at {_when(capability.expires_at)}")
 
-    def _grant(self, db: sqlite3.Connection, entity: str, capability_id: str, now: float, verb: str) -> Grant:
+    def _grant(self, db: Db, entity: str, capability_id: str, now: float, verb: str) -> Grant:
         capability = self._held(db, entity, capability_id, verb)
         if capability.type != GENERATE:
             raise DeniedError(f"capability {capability_id!r} is a {capability.type}, not {GENERATE}")
@@ -553,36 +570,42 @@ class Capabilities:
             raise DeniedError(f"capability {capability_id!r} has a chain of mixed types")
         return Grant(capability=capability, params=generates[0], chain=tuple(chain))
 
-    def _audit(self, db: sqlite3.Connection, entity: str, capability_id: str | None, action: str, outcome: str,
+    def _audit(self, db: Db, entity: str, capability_id: str | None, action: str, outcome: str,
                *, model: str | None = None, width: int | None = None, height: int | None = None,
-               steps: int | None = None, detail: str | None = None) -> None:
+               steps: int | None = None, detail: str | None = None, at: float | None = None) -> None:
         db.execute(
             "INSERT INTO audit (at, entity, capability_id, action, outcome, model, width, height, steps, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.clock(), _storable(entity), _storable(capability_id if isinstance(capability_id, str) else None),
+            (self._now(db) if at is None else at, _storable(entity),
+             _storable(capability_id if isinstance(capability_id, str) else None),
              action, outcome, _storable(model), width, height, steps, _storable(detail)),
         )
 
 
+# The casts give PostgreSQL a type for parameters that may be NULL; SQLite takes them as they are.
 _AUDIT_QUERY = """
     WITH RECURSIVE readable(id) AS (
         SELECT id FROM capabilities WHERE owner = :reader
         UNION SELECT c.id FROM capabilities c JOIN readable r ON c.parent_id = r.id),
     scope(id) AS (
-        SELECT :capability_id WHERE :capability_id IS NOT NULL
-        UNION ALL SELECT id FROM readable WHERE :capability_id IS NULL)
+        SELECT CAST(:capability_id AS TEXT) WHERE CAST(:capability_id AS TEXT) IS NOT NULL
+        UNION ALL SELECT id FROM readable WHERE CAST(:capability_id AS TEXT) IS NULL)
     SELECT * FROM (
         SELECT a.* FROM audit a
         WHERE a.capability_id IN (SELECT id FROM scope)
-          AND (:entity IS NULL OR a.entity = :entity)
-          AND (:action IS NULL OR a.action = :action)
-          AND (:outcome IS NULL OR a.outcome = :outcome)
-          AND (:since IS NULL OR a.at >= :since)
-          AND (:until IS NULL OR a.at < :until)
-        ORDER BY a.id DESC LIMIT :limit)
+          AND (CAST(:entity AS TEXT) IS NULL OR a.entity = :entity)
+          AND (CAST(:action AS TEXT) IS NULL OR a.action = :action)
+          AND (CAST(:outcome AS TEXT) IS NULL OR a.outcome = :outcome)
+          AND (CAST(:since AS DOUBLE PRECISION) IS NULL OR a.at >= :since)
+          AND (CAST(:until AS DOUBLE PRECISION) IS NULL OR a.at < :until)
+        ORDER BY a.id DESC LIMIT :limit) AS newest
     ORDER BY id
 """
-"""Capabilities.audit_entries: the newest ``limit`` matching entries (-1: all), returned oldest first."""
+"""Capabilities.audit_entries: the newest ``limit`` matching entries, returned oldest first."""
+
+
+_NO_LIMIT = 2**62
+"""LIMIT for "all": SQLite's -1 means that, PostgreSQL refuses a negative one (and a NULL needs a type)."""
 
 
 def _is_utf8(text: str) -> bool:

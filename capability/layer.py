@@ -17,17 +17,19 @@ from inference_client.state import STATE_DIR
 
 from .capabilities import Capabilities, Capability
 from .generation import RETRY_UNAVAILABLE_S, Generation, TextToImage
-from .store import STORE_FILE, Store
+from .store import Store, open_store
 
 
 class CapabilityLayer:
     """The store in a state dir and the servers its capabilities name."""
 
-    def __init__(self, state_dir: Path = STATE_DIR, store: Store | None = None,
+    def __init__(self, state_dir: Path = STATE_DIR, store: Store | str | None = None,
                  retry_unavailable_s: float = RETRY_UNAVAILABLE_S) -> None:
-        """``retry_unavailable_s``: how long a request with a seed waits for a restarting server (0: not at all)."""
+        """``store``: a store, or its URL (``sqlite:///PATH``, ``postgresql://USER@HOST:PORT/DB``); None: the one
+        ``$CAPABILITY_STORE`` names, else the SQLite file in ``state_dir``. ``retry_unavailable_s``: how long a
+        request with a seed waits for a restarting server (0: not at all)."""
         self.state_dir = state_dir
-        self.store = store or Store(state_dir / STORE_FILE)
+        self.store = store if isinstance(store, Store) else open_store(store, state_dir)
         self.capabilities = Capabilities(self.store)
         self.generator = TextToImage(self.store, state_dir, retry_unavailable_s)
 

@@ -57,7 +57,12 @@ OPTION_OF_INPUT = {
 
 
 class ServerKeys:
-    """Where inference keys come from: the local launcher's state dir, then servers registered in the store."""
+    """Where inference keys come from: the local launcher's state dir, then servers registered in the store.
+
+    A SQLite store (one host, a private file) keeps a registered key itself. A PostgreSQL store, which every
+    application host reads, keeps only the path of a key file instead (a Kubernetes Secret mounted at the same
+    path on every host, say), read when the key is needed: the key is never in the database.
+    """
 
     def __init__(self, store: Store, state_dir: Path | None) -> None:
         self.store = store
@@ -68,9 +73,10 @@ class ServerKeys:
         local = self._local_key(url)
         if local is not None:
             return local
-        row = self.store.read().execute("SELECT infer_key FROM servers WHERE url = ?", (url,)).fetchone()
+        column = "infer_key" if self.store.stores_secrets else "infer_key_file"
+        row = self.store.read().execute(f"SELECT {column} FROM servers WHERE url = ?", (url,)).fetchone()  # noqa: S608 - a column name of ours
         if row is not None:
-            return str(row["infer_key"])
+            return str(row[column]) if self.store.stores_secrets else _read_key_file(Path(row[column]), url)
         where = f" in {self.state_dir}" if self.state_dir else ""
         raise UnknownServerError(
             f"no inference key is known for {url}: no server started by scripts/serve{where} runs there, and "
@@ -78,18 +84,21 @@ class ServerKeys:
             "--key-file FILE"
         )
 
-    def register(self, server_url: str, key: str, grpc_address: str | None = None) -> str:
+    def register(self, server_url: str, key_file: Path, grpc_address: str | None = None) -> str:
+        """Register the server at ``server_url`` with the key in ``key_file``: the key itself in a store that may
+        keep secrets (SQLite), else the file's absolute path, which every host must then be able to read."""
         url = canonical_server_url(server_url)
-        if not key.strip():
-            raise UnknownServerError(f"the key for {url} is empty")
+        key_file = key_file.resolve()
+        key = _read_key_file(key_file, url)
         if grpc_address is not None:
             grpc_address = canonical_grpc_address(grpc_address, url)
+        column = "infer_key" if self.store.stores_secrets else "infer_key_file"
         with self.store.write() as db:
             # Registering a new key keeps a gRPC address registered before, unless a new one is given.
-            db.execute("INSERT INTO servers (url, infer_key, registered_at, grpc_address) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (url) DO UPDATE SET infer_key = excluded.infer_key, registered_at = "
-                       "excluded.registered_at, grpc_address = COALESCE(excluded.grpc_address, grpc_address)",
-                       (url, key.strip(), time.time(), grpc_address))
+            db.execute(f"INSERT INTO servers (url, {column}, registered_at, grpc_address) VALUES (?, ?, ?, ?) "  # noqa: S608 - a column name of ours
+                       f"ON CONFLICT (url) DO UPDATE SET {column} = excluded.{column}, registered_at = "
+                       "excluded.registered_at, grpc_address = COALESCE(excluded.grpc_address, servers.grpc_address)",
+                       (url, key if self.store.stores_secrets else str(key_file), time.time(), grpc_address))
         return url
 
     def grpc_address(self, server_url: str) -> str:
@@ -129,6 +138,18 @@ class ServerKeys:
     def _local_key(self, url: str) -> str | None:
         description = self._local_description(url)
         return None if description is None else description.infer_key
+
+
+def _read_key_file(path: Path, url: str) -> str:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise UnknownServerError(f"the key file {path} of {url} cannot be read on this host "
+                                 f"({error.strerror or error}): every host needs it at that path (e.g. a mounted "
+                                 "Kubernetes Secret)") from None
+    if not key:
+        raise UnknownServerError(f"the key file {path} of {url} is empty")
+    return key
 
 
 def canonical_grpc_address(address: str, server_url: str) -> str:

@@ -50,8 +50,23 @@ bootstrap() {
 from triton_launcher.installation import unpack_server_wheel
 unpack_server_wheel(next(pathlib.Path(sys.argv[1]).glob("*.whl")))' "$download"
   rm -rf "$download"
+  _ensure_postgresql
   echo "$wanted" > "$STAMP"
   _log "done"
+}
+
+
+_ensure_postgresql() {
+  # The tests start a throwaway PostgreSQL server of their own (tests/postgres.py) from Debian's package.
+  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; then
+    return 0
+  fi
+  if [[ $(id -u) == 0 ]]; then
+    _log "installing Debian's postgresql (the tests run the PostgreSQL store against a real server)"
+    { apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; } >&2
+  else
+    _log "no PostgreSQL server binaries: the PostgreSQL store's tests need them (sudo apt-get install postgresql)"
+  fi
 }
 
 

@@ -13,7 +13,8 @@ import pytest
 from capability.__main__ import main
 from capability.capabilities import Capabilities
 from capability.errors import DeniedError
-from capability.store import STORE_FILE, Store
+from capability.sqlite_store import SQLiteStore
+from capability.store import STORE_FILE
 
 SERVER = "http://127.0.0.1:8000"
 START = datetime(2025, 1, 31, 10, 0, tzinfo=timezone.utc).timestamp()
@@ -35,7 +36,7 @@ class History:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        store = Store(state_dir / STORE_FILE)
+        store = SQLiteStore(state_dir / STORE_FILE)
         clock = Clock()
         caps = Capabilities(store, clock=clock)
         self.authority = caps.create_authority("admin").id
@@ -134,7 +135,7 @@ def test_one_capabilitys_log_is_refused_to_anyone_not_at_or_above_it_and_the_ref
 def test_a_given_away_capability_is_no_longer_readable_by_the_giver(
     history: History, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = Store(history.state_dir / STORE_FILE)
+    store = SQLiteStore(history.state_dir / STORE_FILE)
     Capabilities(store).give("bob", history.bobs, "carol")
     store.close()
     assert history.audit(capsys, "--as", "bob") == []
@@ -146,7 +147,7 @@ def test_relative_times_count_back_from_now(tmp_path: Path, capsys: pytest.Captu
     state_dir.mkdir(mode=0o700)
     clock = Clock()
     clock.now = time.time() - 7200
-    store = Store(state_dir / STORE_FILE)
+    store = SQLiteStore(state_dir / STORE_FILE)
     caps = Capabilities(store, clock=clock)
     authority = caps.create_authority("admin").id
     capability = caps.mint("admin", authority, {"server_url": SERVER, "default_model": "m"}).id  # 2 h ago

@@ -1,4 +1,5 @@
-"""Capabilities against a real SQLite store: every attack refused with a clear error and nothing changed."""
+"""Capabilities against real stores, SQLite and PostgreSQL: every attack refused with a clear error and nothing
+changed. The store's own file rules are tested on SQLite alone."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from capability.capabilities import Capabilities, GenerateParams, canonical_server_url
 from capability.errors import ConcurrencyLimitError, DeniedError, InvalidParamsError, StoreError, UnknownServerError
-from capability.store import MIGRATIONS, SCHEMA_VERSION, STORE_FILE, Store
+from capability.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from capability.store import STORE_FILE, Store
 
 SERVER = "http://127.0.0.1:8000"
 OTHER_SERVER = "http://127.0.0.1:9000"
@@ -32,8 +34,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / STORE_FILE)
+def store(any_store: Store) -> Store:
+    return any_store
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / STORE_FILE)
     yield store
     store.close()
 
@@ -55,9 +62,9 @@ def minted(caps: Capabilities, authority: str, **params: Any) -> str:
 
 
 def snapshot(store: Store) -> list[tuple[Any, ...]]:
-    rows = store.read().execute("SELECT id, owner, params, parent_id, expires_at, revoked_at FROM capabilities "
-                                "ORDER BY id")
-    return [tuple(row) for row in rows]
+    columns = ("id", "owner", "params", "parent_id", "expires_at", "revoked_at")
+    rows = store.read().execute(f"SELECT {', '.join(columns)} FROM capabilities ORDER BY id")
+    return [tuple(row[column] for column in columns) for row in rows]
 
 
 def test_mint_stores_canonical_params_when_given_the_seed_example(caps: Capabilities, authority: str) -> None:
@@ -277,10 +284,10 @@ def test_canonical_server_url_refuses_anything_but_scheme_host_and_port(url: str
         canonical_server_url(url)
 
 
-def test_store_is_private_and_versioned_when_created(store: Store) -> None:
-    assert store.path.stat().st_mode & 0o777 == 0o600
-    assert store.read().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert store.read().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_store_is_private_and_versioned_when_created(sqlite_store: SQLiteStore) -> None:
+    assert sqlite_store.path.stat().st_mode & 0o777 == 0o600
+    assert sqlite_store.read().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert sqlite_store.read().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_store_refuses_a_file_others_can_read(tmp_path: Path) -> None:
@@ -288,16 +295,16 @@ def test_store_refuses_a_file_others_can_read(tmp_path: Path) -> None:
     path.touch()
     path.chmod(0o644)
     with pytest.raises(StoreError, match=r"\(mode 644\) must belong to this user and be readable by it alone"):
-        Store(path)
+        SQLiteStore(path)
 
 
 def test_store_refuses_a_newer_schema_when_opened_by_older_code(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
-    Store(path).close()
+    SQLiteStore(path).close()
     with sqlite3.connect(path) as connection:
         connection.execute("PRAGMA user_version=99")
     with pytest.raises(Exception, match=f"schema version 99, newer than this code's {SCHEMA_VERSION}"):
-        Store(path)
+        SQLiteStore(path)
 
 
 def test_store_refuses_a_directory_others_can_write_to(tmp_path: Path) -> None:
@@ -305,7 +312,7 @@ def test_store_refuses_a_directory_others_can_write_to(tmp_path: Path) -> None:
     shared.mkdir()
     shared.chmod(0o777)
     with pytest.raises(Exception, match="writable by it alone"):
-        Store(shared / STORE_FILE)
+        SQLiteStore(shared / STORE_FILE)
 
 
 def test_store_refuses_a_journal_planted_with_open_permissions(tmp_path: Path) -> None:
@@ -313,14 +320,14 @@ def test_store_refuses_a_journal_planted_with_open_permissions(tmp_path: Path) -
     planted.touch()
     planted.chmod(0o666)
     with pytest.raises(Exception, match="readable by it alone"):
-        Store(tmp_path / STORE_FILE)
+        SQLiteStore(tmp_path / STORE_FILE)
 
 
 def test_store_refuses_a_symbolic_link_in_place_of_the_file(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").touch()
     (tmp_path / STORE_FILE).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(Exception, match="cannot open the capability store"):
-        Store(tmp_path / STORE_FILE)
+        SQLiteStore(tmp_path / STORE_FILE)
 
 
 def test_slot_is_refused_when_the_capability_was_revoked_after_it_was_authorized(
@@ -420,6 +427,35 @@ def test_lease_renewer_runs_again_when_a_lease_is_added_after_close(caps: Capabi
     renewer.close()
 
 
+def key_file(directory: Path, key: str) -> Path:
+    path = directory / f"key-{key}"
+    path.write_text(key + "\n")
+    return path
+
+
+def test_registered_keys_stay_out_of_a_shared_store_which_keeps_only_where_each_host_reads_them(
+    store: Store, tmp_path: Path,
+) -> None:
+    from capability.servers import ServerKeys
+
+    keys = ServerKeys(store, None)
+    path = key_file(tmp_path, "the-key")
+    keys.register("http://gpu:8000", path, grpc_address="gpu:8001")
+    assert keys.key_for("http://gpu:8000") == "the-key"
+    [row] = store.read().execute("SELECT * FROM servers").fetchall()
+    columns = dict(row)
+    if store.stores_secrets:  # SQLite: one host's private file
+        assert columns["infer_key"] == "the-key"
+    else:  # PostgreSQL: every host reads it, so it holds where the key is, never the key
+        assert "the-key" not in {str(value) for value in columns.values()}
+        assert columns["infer_key_file"] == str(path.resolve())
+        path.write_text("a-rotated-key\n")  # a rolling restart with a new Secret: read when needed
+        assert keys.key_for("http://gpu:8000") == "a-rotated-key"
+        path.unlink()
+        with pytest.raises(UnknownServerError, match="cannot be read on this host"):
+            keys.key_for("http://gpu:8000")
+
+
 def test_a_version_1_store_is_migrated_keeping_its_rows_and_registered_servers_gain_a_grpc_address(
     tmp_path: Path,
 ) -> None:
@@ -432,27 +468,27 @@ def test_a_version_1_store_is_migrated_keeping_its_rows_and_registered_servers_g
         connection.execute("PRAGMA user_version = 1")
     connection.close()
     path.chmod(0o600)
-    store = Store(path)
+    store = SQLiteStore(path)
     assert store.read().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     keys = ServerKeys(store, None)
     assert keys.key_for("http://gpu:8000") == "k"
     with pytest.raises(UnknownServerError, match="--grpc-address HOST:PORT"):
         keys.grpc_address("http://gpu:8000")
-    keys.register("http://gpu:8000", "k2", grpc_address="GPU:8001")
+    keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="GPU:8001")
     assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
     with pytest.raises(InvalidParamsError, match="grpc_address='gpu' is invalid: must be HOST:PORT"):
-        keys.register("http://gpu:8000", "k2", grpc_address="gpu")
+        keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="gpu")
     # The key goes to that address too: it must be on the server's own host.
     with pytest.raises(InvalidParamsError, match="its host is not 'gpu', the host of http://gpu:8000"):
-        keys.register("http://gpu:8000", "k2", grpc_address="elsewhere:8001")
+        keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="elsewhere:8001")
     with pytest.raises(InvalidParamsError, match=r"\[::1\]:8001 for IPv6"):
-        keys.register("http://[::1]:8000", "k2", grpc_address="::1:8001")
-    keys.register("http://[::1]:8000", "k2", grpc_address="[::1]:8001")
+        keys.register("http://[::1]:8000", key_file(tmp_path, "k2"), grpc_address="::1:8001")
+    keys.register("http://[::1]:8000", key_file(tmp_path, "k2"), grpc_address="[::1]:8001")
     assert keys.grpc_address("http://[::1]:8000") == "[::1]:8001"
     # A new key alone keeps the registered address.
-    keys.register("http://gpu:8000", "k3")
+    keys.register("http://gpu:8000", key_file(tmp_path, "k3"))
     assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
-    keys.register("https://tls:8443", "k", grpc_address="tls:8001")
+    keys.register("https://tls:8443", key_file(tmp_path, "k"), grpc_address="tls:8001")
     with pytest.raises(UnknownServerError, match="plain gRPC, which would carry the key unencrypted"):
         keys.grpc_address("https://tls:8443")
     store.close()

@@ -14,7 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from capability.errors import GenerationCancelledError, TemporarilyUnavailableError
 from capability.servers import Cancellation, ServerKeys, TritonGateway
-from capability.store import STORE_FILE, Store
+from capability.sqlite_store import SQLiteStore
+from capability.store import STORE_FILE
 from inference_client import contract, triton
 from triton_launcher.server import free_ports
 
@@ -42,8 +43,9 @@ def test_the_capability_layer_reports_a_down_server_as_temporarily_unavailable_s
     tmp_path: Path, nothing_listening: tuple[int, int],
 ) -> None:
     http_port, grpc_port = nothing_listening
-    keys = ServerKeys(Store(tmp_path / STORE_FILE), state_dir=None)
-    url = keys.register(f"http://127.0.0.1:{http_port}", "key", f"127.0.0.1:{grpc_port}")
+    keys = ServerKeys(SQLiteStore(tmp_path / STORE_FILE), state_dir=None)
+    (tmp_path / "key").write_text("key\n")
+    url = keys.register(f"http://127.0.0.1:{http_port}", tmp_path / "key", f"127.0.0.1:{grpc_port}")
     gateway = TritonGateway(url, keys)
     for _ in range(TRIES):
         with pytest.raises(TemporarilyUnavailableError, match="temporarily unavailable"):

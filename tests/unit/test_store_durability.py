@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from capability.capabilities import GENERATE, Capabilities
 from capability.errors import CapabilityError, DeniedError, InvalidParamsError, StoreError
+from capability.sqlite_store import SQLiteStore
 from capability.store import STORE_FILE, Store
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -47,18 +48,18 @@ def _generate_params(**params: Any) -> dict[str, Any]:
     return {"server_url": SERVER, "default_model": "tiny-sd15", **params}
 
 
-def _rows(store: Store, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def _rows(store: Store, sql: str, parameters: tuple[Any, ...] = ()) -> list[Any]:
     return store.read().execute(sql, parameters).fetchall()
 
 
-def _capability_rows(store: Store) -> list[tuple[Any, ...]]:
+def _capability_rows(store: SQLiteStore) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in _rows(store, "SELECT * FROM capabilities ORDER BY id")]
 
 
 # --- the schema's invariants ---------------------------------------------------------------------------------
 
 
-def assert_store_is_consistent(store: Store) -> None:
+def assert_store_is_consistent(store: SQLiteStore) -> None:
     """Everything that one write transaction makes together is there together, or not at all."""
     assert [tuple(row) for row in _rows(store, "PRAGMA integrity_check")] == [("ok",)]
     assert _rows(store, "PRAGMA foreign_key_check") == []
@@ -92,7 +93,7 @@ def assert_store_is_consistent(store: Store) -> None:
         assert detail == f"to {capabilities[identifier]['owner']}"
 
 
-def assert_store_takes_writes(store: Store) -> None:
+def assert_store_takes_writes(store: SQLiteStore) -> None:
     capabilities = Capabilities(store)
     authority = capabilities.create_authority("admin").id
     minted = capabilities.mint("admin", authority, _generate_params(max_concurrent=1)).id
@@ -110,7 +111,7 @@ MAX_ROUNDS = 10_000
 
 def _write_until_killed(path: Path, authority: str, reports: Connection) -> None:
     """Mint, delegate, give, lease and revoke in a loop; report each operation once its commit has returned."""
-    capabilities = Capabilities(Store(path))
+    capabilities = Capabilities(SQLiteStore(path))
     for round_number in range(MAX_ROUNDS):
         minted = capabilities.mint("admin", authority, _generate_params(max_concurrent=MAX_ROUNDS)).id
         reports.send(("mint", minted, authority))
@@ -128,7 +129,7 @@ def _write_until_killed(path: Path, authority: str, reports: Connection) -> None
 def test_sigkill_during_writes_keeps_every_reported_commit_and_nothing_half_written(
         tmp_path: Path, commits_before_kill: int) -> None:
     path = tmp_path / STORE_FILE
-    store = Store(path)
+    store = SQLiteStore(path)
     authority = Capabilities(store).create_authority("admin").id
     reader, writer = SPAWN.Pipe(duplex=False)
     process = SPAWN.Process(target=_write_until_killed, args=(path, authority, writer))
@@ -149,7 +150,7 @@ def test_sigkill_during_writes_keeps_every_reported_commit_and_nothing_half_writ
             break
     store.close()
 
-    reopened = Store(path)
+    reopened = SQLiteStore(path)
     assert_store_is_consistent(reopened)
     capabilities = {row["id"]: row for row in _rows(reopened, "SELECT * FROM capabilities")}
     for action, subject, detail in reports:
@@ -176,7 +177,7 @@ ROUNDS_PER_WRITER = 15
 def _write_alongside_others(path: Path, authority: str, worker: int, start: Any, results: Any) -> None:
     """One writer's share: each round commits a mint, a delegation, a give, a delegation by the recipient, an
     audit record and a revocation of the subtree, interleaved with the other writers' transactions."""
-    capabilities = Capabilities(Store(path))
+    capabilities = Capabilities(SQLiteStore(path))
     holder = f"worker-{worker}"
     created: list[str] = []
     errors: list[str] = []
@@ -198,7 +199,7 @@ def _write_alongside_others(path: Path, authority: str, worker: int, start: Any,
 
 def test_concurrent_writers_lose_nothing_when_six_processes_mint_delegate_give_and_revoke(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
-    store = Store(path)
+    store = SQLiteStore(path)
     authority = Capabilities(store).create_authority("admin").id
     start = SPAWN.Barrier(WRITERS)
     results = SPAWN.Queue()
@@ -235,7 +236,7 @@ def test_concurrent_writers_lose_nothing_when_six_processes_mint_delegate_give_a
 
 def _filled_store(path: Path, count: int = 150) -> list[str]:
     """A closed store holding ``count`` capabilities (closing checkpoints the WAL into the file)."""
-    store = Store(path)
+    store = SQLiteStore(path)
     capabilities = Capabilities(store)
     authority = capabilities.create_authority("admin").id
     minted = [capabilities.mint("admin", authority, _generate_params(default_model="m" * 200)).id
@@ -289,7 +290,7 @@ def test_opening_a_damaged_or_foreign_file_is_refused_clearly_and_leaves_its_byt
     path.chmod(0o600)
     before = path.read_bytes()
     with pytest.raises(StoreError, match=problem) as refused:
-        Store(path)
+        SQLiteStore(path)
     assert str(path) in str(refused.value)
     assert advice in str(refused.value)
     assert "left" in str(refused.value)  # it says the file was left as it was
@@ -309,7 +310,7 @@ def test_a_damaged_page_found_while_using_the_store_is_a_store_error_and_changes
         file.write(random.Random(6).randbytes(page_size))
     before = path.read_bytes()
 
-    store = Store(path)  # the header and the schema are intact: the damage shows only when the table is read
+    store = SQLiteStore(path)  # the header and the schema are intact: the damage shows only when the table is read
     capabilities = Capabilities(store)
     for use in (lambda: capabilities.show("admin", minted[0]), lambda: capabilities.owned("admin"),
                 lambda: capabilities.mint("admin", minted[0], _generate_params()),
@@ -356,7 +357,7 @@ def _lock_held_by_another_process(path: Path, scope: str) -> Iterator[None]:
 
 def test_writes_against_a_lock_held_past_the_busy_timeout_fail_clearly_and_lose_nothing(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
-    store = Store(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)
+    store = SQLiteStore(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)
     capabilities = Capabilities(store)
     authority = capabilities.create_authority("admin").id
     minted = capabilities.mint("admin", authority, _generate_params()).id
@@ -367,7 +368,7 @@ def test_writes_against_a_lock_held_past_the_busy_timeout_fail_clearly_and_lose_
                       lambda: capabilities.delegate("admin", minted, {}),
                       lambda: capabilities.revoke("admin", minted),
                       lambda: capabilities.acquire_slot("admin", minted),
-                      lambda: Store(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)):
+                      lambda: SQLiteStore(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)):
             with pytest.raises(StoreError, match=rf"capability store {path} is locked by another process "
                                                  r"\(database is locked, still after 0.2 s\): nothing was written"):
                 write()
@@ -383,7 +384,7 @@ def test_writes_against_a_lock_held_past_the_busy_timeout_fail_clearly_and_lose_
 
 def test_reads_against_a_file_held_exclusively_fail_clearly_and_work_once_it_is_released(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
-    store = Store(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)
+    store = SQLiteStore(path, busy_timeout_ms=SHORT_BUSY_TIMEOUT_MS)
     capabilities = Capabilities(store)
     minted = capabilities.mint("admin", capabilities.create_authority("admin").id, _generate_params()).id
     store.close()  # the holder cannot take the whole file while another connection has it open
@@ -430,7 +431,7 @@ def _open_without_root_file_access(path: Path, results: Any) -> None:
         results.put(("skip", problem))
         return
     try:
-        store = Store(path)
+        store = SQLiteStore(path)
         Capabilities(store).owned("admin")
     except StoreError as error:
         results.put(("refused", str(error)))
@@ -461,7 +462,7 @@ def test_a_read_only_store_file_is_refused_clearly_and_kept(tmp_path: Path) -> N
                               "(Permission denied): it must be a regular file this user can read and write")
     assert path.read_bytes() == before
     path.chmod(0o600)
-    assert [capability.id for capability in Capabilities(Store(path)).owned("admin")][1:] == minted
+    assert [capability.id for capability in Capabilities(SQLiteStore(path)).owned("admin")][1:] == minted
 
 
 def test_a_state_dir_that_cannot_take_new_files_is_refused_clearly_and_its_store_kept(tmp_path: Path) -> None:
@@ -477,7 +478,7 @@ def test_a_state_dir_that_cannot_take_new_files_is_refused_clearly_and_its_store
     assert message.startswith(f"capability store {path} is read-only")
     assert f"this user must be able to write the file and create files in {state_dir}" in message
     assert path.read_bytes() == before
-    assert [capability.id for capability in Capabilities(Store(path)).owned("admin")][1:] == minted
+    assert [capability.id for capability in Capabilities(SQLiteStore(path)).owned("admin")][1:] == minted
 
 
 def test_a_state_dir_below_a_regular_file_is_refused_clearly(tmp_path: Path) -> None:
@@ -485,7 +486,7 @@ def test_a_state_dir_below_a_regular_file_is_refused_clearly(tmp_path: Path) -> 
     state_dir = tmp_path / "not-a-dir" / "state"
     with pytest.raises(StoreError, match=rf"cannot create the state dir {state_dir} for the capability store "
                                          r"\(Not a directory\): it must be a directory this user can create"):
-        Store(state_dir / STORE_FILE)
+        SQLiteStore(state_dir / STORE_FILE)
     assert (tmp_path / "not-a-dir").read_text() == ""
 
 
@@ -493,7 +494,7 @@ def test_a_state_dir_that_is_a_regular_file_is_refused_clearly(tmp_path: Path) -
     state_dir = tmp_path / "state"
     state_dir.write_text("keep me")
     with pytest.raises(StoreError, match=rf"state dir {state_dir} is not a directory"):
-        Store(state_dir / STORE_FILE)
+        SQLiteStore(state_dir / STORE_FILE)
     assert state_dir.read_text() == "keep me"
 
 
@@ -706,7 +707,7 @@ def _check_revoked(capabilities: Capabilities, rows: Mapping[str, dict[str, Any]
 def test_no_sequence_of_operations_makes_a_capability_wider_than_its_parent(
         first: tuple[Any, ...], steps: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
-        store = Store(Path(state_dir) / STORE_FILE)
+        store = SQLiteStore(Path(state_dir) / STORE_FILE)
         capabilities = Capabilities(store, clock=lambda: NOW)
         authority = capabilities.create_authority("admin").id
         generated: list[str] = []
@@ -728,7 +729,7 @@ def test_no_sequence_of_operations_makes_a_capability_wider_than_its_parent(
 def _mint_until_the_disk_is_full(path: Path, authority: str, results: Any) -> None:
     """Mint with a file-size limit standing in for a full disk (it binds root too); report what happened."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
-    capabilities = Capabilities(Store(path))
+    capabilities = Capabilities(SQLiteStore(path))
     largest = max(path.stat().st_size, Path(f"{path}-wal").stat().st_size)
     resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 64 * 1024, resource.RLIM_INFINITY))
     minted: list[str] = []
@@ -743,7 +744,7 @@ def _mint_until_the_disk_is_full(path: Path, authority: str, results: Any) -> No
 
 def test_a_full_disk_refuses_the_write_clearly_and_keeps_every_earlier_commit(tmp_path: Path) -> None:
     path = tmp_path / STORE_FILE
-    store = Store(path)
+    store = SQLiteStore(path)
     authority = Capabilities(store).create_authority("admin").id
     results = SPAWN.Queue()
     process = SPAWN.Process(target=_mint_until_the_disk_is_full, args=(path, authority, results))
@@ -755,7 +756,7 @@ def test_a_full_disk_refuses_the_write_clearly_and_keeps_every_earlier_commit(tm
     assert minted, "the limit left no room for a single write"
     store.close()
 
-    reopened = Store(path)
+    reopened = SQLiteStore(path)
     assert_store_is_consistent(reopened)
     rows = _rows(reopened, "SELECT id FROM capabilities WHERE type = ?", (GENERATE,))
     assert {row["id"] for row in rows} == set(minted)  # every reported mint, and not the refused one

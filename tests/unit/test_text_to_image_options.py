@@ -10,7 +10,8 @@ import pytest
 from capability.capabilities import Capabilities
 from capability.errors import DeniedError, InvalidOptionError
 from capability.generation import check_grant, check_prompt, parse_options
-from capability.store import STORE_FILE, Store
+from capability.sqlite_store import SQLiteStore
+from capability.store import STORE_FILE
 
 
 @pytest.mark.parametrize(
@@ -70,7 +71,7 @@ def test_check_prompt_shows_a_size_not_the_text_when_the_prompt_is_megabytes(tmp
 
 @pytest.fixture
 def grant(tmp_path: Path) -> Any:
-    capabilities = Capabilities(Store(tmp_path / STORE_FILE))
+    capabilities = Capabilities(SQLiteStore(tmp_path / STORE_FILE))
     authority = capabilities.create_authority("admin").id
     capability = capabilities.mint("admin", authority, {
         "server_url": "http://127.0.0.1:8000", "default_model": "tiny-sd15",
@@ -107,7 +108,7 @@ def test_server_keys_refuse_a_state_dir_others_can_write_when_looking_up_the_loc
     (state_dir / "server.json").write_text(
         '{"url": "http://127.0.0.1:8000", "grpc_address": "127.0.0.1:8001", "models": ["tiny-sd15"]}')
     (state_dir / "infer-key").write_text("key\n")
-    keys = ServerKeys(Store(tmp_path / STORE_FILE), state_dir)
+    keys = ServerKeys(SQLiteStore(tmp_path / STORE_FILE), state_dir)
     state_dir.chmod(0o700)
     assert keys.key_for("http://127.0.0.1:8000") == "key"
     state_dir.chmod(0o777)
@@ -208,7 +209,7 @@ def test_only_requests_with_a_seed_are_retried_while_the_server_is_temporarily_u
 ) -> None:
     from capability import generation
     from capability.errors import TemporarilyUnavailableError
-    from capability.store import Store
+    from capability.sqlite_store import SQLiteStore
 
     monkeypatch.setattr(generation, "_FIRST_RETRY_DELAY_S", 0.0)
     attempts: list[int] = []
@@ -219,7 +220,7 @@ def test_only_requests_with_a_seed_are_retried_while_the_server_is_temporarily_u
             raise TemporarilyUnavailableError("restarting")
         return "image"
 
-    patient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=60)
+    patient = generation.TextToImage(SQLiteStore(tmp_path / "store.db"), None, retry_unavailable_s=60)
     assert patient._when_available(down_twice, retry=True) == "image"
     assert len(attempts) == 3
     attempts.clear()
@@ -227,7 +228,7 @@ def test_only_requests_with_a_seed_are_retried_while_the_server_is_temporarily_u
         patient._when_available(down_twice, retry=False)  # no seed: the caller decides
     assert len(attempts) == 1
     attempts.clear()
-    impatient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=0)
+    impatient = generation.TextToImage(SQLiteStore(tmp_path / "store.db"), None, retry_unavailable_s=0)
     with pytest.raises(TemporarilyUnavailableError):
         impatient._when_available(down_twice, retry=True)
     assert len(attempts) == 1
@@ -239,12 +240,12 @@ def test_a_cancel_ends_the_wait_for_a_restarting_server_and_a_generation_cleans_
     from capability import generation
     from capability.errors import GenerationCancelledError, TemporarilyUnavailableError
     from capability.servers import Cancellation
-    from capability.store import Store
+    from capability.sqlite_store import SQLiteStore
 
     def down() -> str:
         raise TemporarilyUnavailableError("restarting")
 
-    patient = generation.TextToImage(Store(tmp_path / "store.db"), None, retry_unavailable_s=600)
+    patient = generation.TextToImage(SQLiteStore(tmp_path / "store.db"), None, retry_unavailable_s=600)
     cancellation = Cancellation()
     cancellation.cancel()
     with pytest.raises(GenerationCancelledError, match="while waiting for the server to come back"):
