@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--progress", action="store_true",
                           help="show a progress bar on stderr (the model's streaming variant, over gRPC); "
                                "Ctrl-C then cancels the generation on the server")
+    _add_store_parser(commands)
     register = commands.add_parser("register-server", parents=[common],
                                    help="store the inference key of a server not started in this state dir")
     register.add_argument("--url", required=True)
@@ -145,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--grpc-address", metavar="HOST:PORT",
                           help="its gRPC endpoint, for progress and cancellation (generate --progress)")
     return parser
+
+
+def _add_store_parser(commands: Any) -> None:
+    store = commands.add_parser("store", help="the store itself: migrate it into another")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    migrate = store_commands.add_parser(
+        "migrate", help="copy capabilities, audit and servers (not live leases) into another store, e.g. SQLite into "
+                        "PostgreSQL; checks counts and a content digest; safe to run twice")
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL", help="the store to copy")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL", help="the store to copy into")
+    migrate.add_argument("--force", action="store_true",
+                         help="replace what a non-empty target holds (refused without it)")
+    migrate.add_argument("--key-dir", type=Path, metavar="DIR",
+                         help="into a store that keeps no keys (PostgreSQL): write each registered server's key "
+                              "here (mode 0600) and register the file's path")
+    migrate.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _restrictions(arguments: argparse.Namespace, capabilities: Capabilities) -> dict[str, Any]:
@@ -296,11 +313,34 @@ COMMANDS = {
 
 def run(arguments: argparse.Namespace) -> Result:
     """Carry out one command."""
+    if arguments.command == "store":
+        return _migrate(arguments)
     store = _open_store(arguments)
     try:
         return COMMANDS[arguments.command](arguments, Capabilities(store))
     finally:
         store.close()
+
+
+def _migrate(arguments: argparse.Namespace) -> Result:
+    from .migrate import migrate
+
+    nowhere = Path("/nonexistent")  # both URLs say where the stores are
+    if arguments.source.startswith("sqlite:") and not sqlite_path(arguments.source).exists():
+        raise StoreError(f"no capability store at {sqlite_path(arguments.source)} to migrate from")
+    source = open_store(arguments.source, nowhere)
+    try:
+        target = open_store(arguments.target, nowhere)
+        try:
+            done = migrate(source, target, force=arguments.force, key_dir=arguments.key_dir)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    counts = ", ".join(f"{count} {table}" for table, count in done.counts.items())
+    if not done.copied:
+        return done.as_dict(), f"{target.url} already holds the content of {source.url} ({counts}): nothing to do"
+    return done.as_dict(), f"copied {counts} from {source.url} to {target.url}; digest {done.digest[:16]}… matches"
 
 
 def _describe(capability: Capability) -> str:

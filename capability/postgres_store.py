@@ -112,6 +112,7 @@ STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "s
 class PostgresStore(Store):
     """A pool of connections to one PostgreSQL database; the schema is created and migrated on first use."""
 
+    dialect = "postgresql"
     stores_secrets = False
     """Server keys are not kept here, only the path of a file each host reads (a mounted Secret, say): a database
     that every application host can read is no place for the key that opens every GPU server."""

@@ -95,6 +95,8 @@ STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "s
 class SQLiteStore(Store):
     """Connections to one store file; create it (mode 0600) and migrate it on first use."""
 
+    dialect = "sqlite"
+
     def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.url = f"sqlite://{path}"

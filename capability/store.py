@@ -57,6 +57,8 @@ class Store(abc.ABC):
 
     url: str
     """Where the store is, for messages: never a password."""
+    dialect: str
+    """``sqlite`` or ``postgresql``: for the few statements that cannot be written once for both."""
     stores_secrets: bool = True
     """Whether server keys may be kept in the store itself; where not, only the path of a key file each host
     reads is (:class:`~capability.servers.ServerKeys`)."""

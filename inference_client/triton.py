@@ -160,11 +160,14 @@ class ImageStream:
         """Cancel the request; safe from any thread, at any time (the reading thread acts on it)."""
         self._responses.put(_CANCEL)
 
-    def close(self) -> None:
-        """End the stream (cancelling the request if it still runs) and close the connection."""
+    def close(self, *, cancel: bool = True) -> None:
+        """End the stream and close the connection. ``cancel``: cancel the call (and the request, if it still
+        runs); without, end it in order, as a request that has had its final response must be: a decoupled model
+        whose finished request's call was cancelled can stay "live" at shutdown until Triton's exit timeout
+        (seen with tritonserver 2.51)."""
         if self._open:
             self._open = False
-            self._client.stop_stream(cancel_requests=True)
+            self._client.stop_stream(cancel_requests=cancel)
             self._client.close()
 
     def __iter__(self) -> Iterator[Progress | GeneratedImage]:
@@ -190,10 +193,22 @@ class ImageStream:
                                       "image")
             except (ValueError, IndexError, TypeError) as malformed:  # tensors of the wrong shape or type
                 raise StreamError(f"a malformed stream response: {malformed}") from None
-            # The image is the request's last response: end the stream now, without waiting for its close.
-            self.close()
+            if not _is_final(result):  # the model may say "final" in a response of its own, after the image
+                self._read_until_final()
+            self.close(cancel=False)
             yield image
             return
+
+    def _read_until_final(self) -> None:
+        while True:
+            item = self._next()
+            if item is _CANCEL:
+                return  # the image is here already: nothing is left to cancel
+            result, error = cast("tuple[Any, Any]", item)
+            if error is not None:
+                raise error
+            if _is_final(result):
+                return
 
     def _next(self) -> object:
         """The next response, error or cancel. Bounded: should tritonclient's stream thread die without a word,

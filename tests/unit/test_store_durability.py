@@ -33,7 +33,9 @@ from hypothesis import strategies as st
 from capability.capabilities import GENERATE, Capabilities
 from capability.errors import CapabilityError, DeniedError, InvalidParamsError, StoreError
 from capability.sqlite_store import SQLiteStore
-from capability.store import STORE_FILE, Store
+from capability.store import STORE_FILE, Store, open_store
+from tests.conftest import STORE_KINDS
+from tests.postgres import PostgresServer
 
 SPAWN = multiprocessing.get_context("spawn")
 SERVER = "http://127.0.0.1:8000"
@@ -48,6 +50,11 @@ def _generate_params(**params: Any) -> dict[str, Any]:
     return {"server_url": SERVER, "default_model": "tiny-sd15", **params}
 
 
+def opened(url: str) -> Store:
+    """The store at ``url`` (a test's SQLite file or PostgreSQL database: ``store_url``)."""
+    return open_store(url, Path("/nonexistent"))
+
+
 def _rows(store: Store, sql: str, parameters: tuple[Any, ...] = ()) -> list[Any]:
     return store.read().execute(sql, parameters).fetchall()
 
@@ -59,10 +66,11 @@ def _capability_rows(store: SQLiteStore) -> list[tuple[Any, ...]]:
 # --- the schema's invariants ---------------------------------------------------------------------------------
 
 
-def assert_store_is_consistent(store: SQLiteStore) -> None:
+def assert_store_is_consistent(store: Store) -> None:
     """Everything that one write transaction makes together is there together, or not at all."""
-    assert [tuple(row) for row in _rows(store, "PRAGMA integrity_check")] == [("ok",)]
-    assert _rows(store, "PRAGMA foreign_key_check") == []
+    if isinstance(store, SQLiteStore):  # PostgreSQL checks its pages and foreign keys on every write
+        assert [tuple(row) for row in _rows(store, "PRAGMA integrity_check")] == [("ok",)]
+        assert _rows(store, "PRAGMA foreign_key_check") == []
     capabilities = {row["id"]: row for row in _rows(store, "SELECT * FROM capabilities")}
     created = {}
     for row in _rows(store, "SELECT capability_id, action FROM audit WHERE action IN ('mint', 'delegate') "
@@ -93,7 +101,7 @@ def assert_store_is_consistent(store: SQLiteStore) -> None:
         assert detail == f"to {capabilities[identifier]['owner']}"
 
 
-def assert_store_takes_writes(store: SQLiteStore) -> None:
+def assert_store_takes_writes(store: Store) -> None:
     capabilities = Capabilities(store)
     authority = capabilities.create_authority("admin").id
     minted = capabilities.mint("admin", authority, _generate_params(max_concurrent=1)).id
@@ -109,9 +117,9 @@ MAX_ROUNDS = 10_000
 """Bound on the writer's loop; the parent kills it after a few dozen commits."""
 
 
-def _write_until_killed(path: Path, authority: str, reports: Connection) -> None:
+def _write_until_killed(url: str, authority: str, reports: Connection) -> None:
     """Mint, delegate, give, lease and revoke in a loop; report each operation once its commit has returned."""
-    capabilities = Capabilities(SQLiteStore(path))
+    capabilities = Capabilities(opened(url))
     for round_number in range(MAX_ROUNDS):
         minted = capabilities.mint("admin", authority, _generate_params(max_concurrent=MAX_ROUNDS)).id
         reports.send(("mint", minted, authority))
@@ -127,12 +135,11 @@ def _write_until_killed(path: Path, authority: str, reports: Connection) -> None
 
 @pytest.mark.parametrize("commits_before_kill", [1, 5, 18, 47])
 def test_sigkill_during_writes_keeps_every_reported_commit_and_nothing_half_written(
-        tmp_path: Path, commits_before_kill: int) -> None:
-    path = tmp_path / STORE_FILE
-    store = SQLiteStore(path)
+        store_url: str, commits_before_kill: int) -> None:
+    store = opened(store_url)
     authority = Capabilities(store).create_authority("admin").id
     reader, writer = SPAWN.Pipe(duplex=False)
-    process = SPAWN.Process(target=_write_until_killed, args=(path, authority, writer))
+    process = SPAWN.Process(target=_write_until_killed, args=(store_url, authority, writer))
     process.start()
     writer.close()  # the child's copy stays open: recv() ends with EOFError once the child is gone
     reports = []
@@ -150,7 +157,7 @@ def test_sigkill_during_writes_keeps_every_reported_commit_and_nothing_half_writ
             break
     store.close()
 
-    reopened = SQLiteStore(path)
+    reopened = opened(store_url)
     assert_store_is_consistent(reopened)
     capabilities = {row["id"]: row for row in _rows(reopened, "SELECT * FROM capabilities")}
     for action, subject, detail in reports:
@@ -174,10 +181,10 @@ WRITERS = 6
 ROUNDS_PER_WRITER = 15
 
 
-def _write_alongside_others(path: Path, authority: str, worker: int, start: Any, results: Any) -> None:
+def _write_alongside_others(url: str, authority: str, worker: int, start: Any, results: Any) -> None:
     """One writer's share: each round commits a mint, a delegation, a give, a delegation by the recipient, an
     audit record and a revocation of the subtree, interleaved with the other writers' transactions."""
-    capabilities = Capabilities(SQLiteStore(path))
+    capabilities = Capabilities(opened(url))
     holder = f"worker-{worker}"
     created: list[str] = []
     errors: list[str] = []
@@ -197,13 +204,12 @@ def _write_alongside_others(path: Path, authority: str, worker: int, start: Any,
     results.put((worker, created, errors))
 
 
-def test_concurrent_writers_lose_nothing_when_six_processes_mint_delegate_give_and_revoke(tmp_path: Path) -> None:
-    path = tmp_path / STORE_FILE
-    store = SQLiteStore(path)
+def test_concurrent_writers_lose_nothing_when_six_processes_mint_delegate_give_and_revoke(store_url: str) -> None:
+    store = opened(store_url)
     authority = Capabilities(store).create_authority("admin").id
     start = SPAWN.Barrier(WRITERS)
     results = SPAWN.Queue()
-    processes = [SPAWN.Process(target=_write_alongside_others, args=(path, authority, worker, start, results))
+    processes = [SPAWN.Process(target=_write_alongside_others, args=(store_url, authority, worker, start, results))
                  for worker in range(WRITERS)]
     for process in processes:
         process.start()
@@ -702,12 +708,13 @@ def _check_revoked(capabilities: Capabilities, rows: Mapping[str, dict[str, Any]
                 capabilities.delegate(rows[identifier]["owner"], identifier, {})
 
 
+@pytest.mark.parametrize("kind", STORE_KINDS)
 @settings(max_examples=50, database=None, deadline=None)
 @given(st.tuples(st.just("mint"), st.just("admin"), MINT_PARAMS), OPERATIONS)
 def test_no_sequence_of_operations_makes_a_capability_wider_than_its_parent(
-        first: tuple[Any, ...], steps: list[tuple[Any, ...]]) -> None:
+        kind: str, postgres: PostgresServer, first: tuple[Any, ...], steps: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
-        store = SQLiteStore(Path(state_dir) / STORE_FILE)
+        store = SQLiteStore(Path(state_dir) / STORE_FILE) if kind == "sqlite" else opened(postgres.database())
         capabilities = Capabilities(store, clock=lambda: NOW)
         authority = capabilities.create_authority("admin").id
         generated: list[str] = []
