@@ -290,6 +290,18 @@ def _parameters(parameters: Any) -> Any:
     return tuple(parameters) if isinstance(parameters, list) else parameters
 
 
+_CONNECTION_REFUSALS: tuple[tuple[str, type[psycopg.Error]], ...] = (
+    ("too many clients", psycopg.errors.TooManyConnections),
+    ("remaining connection slots are reserved", psycopg.errors.TooManyConnections),
+    ("the database system is starting up", psycopg.errors.CannotConnectNow),
+    ("the database system is shutting down", psycopg.errors.AdminShutdown),
+    ("the database system is in recovery mode", psycopg.errors.CannotConnectNow),
+    ("password authentication failed", psycopg.errors.InvalidPassword),
+    (r'database "[^"]*" does not exist', psycopg.errors.InvalidCatalogName),
+)
+"""libpq's words for a refused connection (patterns), and the error class whose explanation fits."""
+
+
 def _checked_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is not None:
@@ -315,6 +327,11 @@ def store_error(error: psycopg.Error, url: str) -> StoreError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     for kind, explanation in _EXPLANATIONS:
         if isinstance(error, kind):
+            return StoreError(explanation.format(url=url, message=message))
+    # A connection refused by the server comes as a plain OperationalError: its words say which case it is.
+    for words, kind in _CONNECTION_REFUSALS:
+        if re.search(words, message):
+            explanation = dict(_EXPLANATIONS)[kind]
             return StoreError(explanation.format(url=url, message=message))
     if isinstance(error, psycopg.OperationalError):
         return StoreError(f"capability store {url} cannot be reached ({message}): nothing was written; check that "

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from capability.store import STORE_FILE, Store
-
-from .postgres import PostgresServer, postgres_server
+from workbench.postgres import PostgresServer, postgres_server
 
 STORE_KINDS = ("sqlite", "postgresql")
 

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", action="store_true", help="only compare PNG encoders (no server)")
     parser.add_argument("--knobs", action="store_true",
                         help="serve tiny models under several batching and instance settings (bench/knobs.json)")
+    parser.add_argument("--stores", action="store_true",
+                        help="what each capability store (SQLite, PostgreSQL) adds to a generation, and slot "
+                             "turnover under 16 processes (bench/stores.json)")
     parser.add_argument("--iterations", type=int, default=10, help="with --png: timed encodes per image")
     parser.add_argument("--report", action="store_true",
                         help="print the tables of bench/results.json (with knobs and perf_analyzer) and exit")
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.png:
         print_png_table(png_comparison(arguments.iterations))
         return 0
+    if arguments.stores:
+        from .store_bench import main as store_bench
+
+        return store_bench([])
     if arguments.knobs:
         from .knobs import knob_sweep
 

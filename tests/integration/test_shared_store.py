@@ -19,8 +19,8 @@ import pytest
 from capability import CapabilityLayer, ConcurrencyLimitError, DeniedError
 from capability.servers import ServerKeys
 from inference_client.state import INFER_KEY_FILE
-from tests.postgres import PostgresServer
 from triton_launcher.server import TritonServer
+from workbench.postgres import PostgresServer
 
 SPAWN = multiprocessing.get_context("spawn")
 THREADS_PER_HOST = 3

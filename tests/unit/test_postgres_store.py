@@ -14,7 +14,7 @@ import pytest
 from capability.capabilities import LEASE_SECONDS, Capabilities
 from capability.errors import ConcurrencyLimitError, DeniedError, StoreError
 from capability.postgres_store import PostgresStore
-from tests.postgres import PostgresServer, postgres_server
+from workbench.postgres import PostgresServer, postgres_server
 
 SERVER = "http://127.0.0.1:8000"
 SKEW_S = 600.0

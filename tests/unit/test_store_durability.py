@@ -35,7 +35,7 @@ from capability.errors import CapabilityError, DeniedError, InvalidParamsError, 
 from capability.sqlite_store import SQLiteStore
 from capability.store import STORE_FILE, Store, open_store
 from tests.conftest import STORE_KINDS
-from tests.postgres import PostgresServer
+from workbench.postgres import PostgresServer
 
 SPAWN = multiprocessing.get_context("spawn")
 SERVER = "http://127.0.0.1:8000"

@@ -18,7 +18,7 @@ from capability.errors import DeniedError
 from capability.servers import ServerKeys
 from capability.sqlite_store import SQLiteStore
 from capability.store import STORE_FILE, Store, open_store
-from tests.postgres import PostgresServer
+from workbench.postgres import PostgresServer
 
 SERVER = "http://127.0.0.1:8000"
 

@@ -3,6 +3,7 @@ wrong or the database is not there: a StoreError naming the store, never a passw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,8 +17,8 @@ from capability import CapabilityLayer
 from capability.errors import StoreError
 from capability.postgres_store import PostgresStore
 from capability.store import STORE_FILE, STORE_VARIABLE, open_store, store_url
-from tests.postgres import PostgresServer
 from triton_launcher.server import free_port
+from workbench.postgres import PostgresServer, postgres_server
 
 
 def test_an_explicit_url_wins_over_the_environment_which_wins_over_the_state_dir(
@@ -110,3 +111,21 @@ def test_a_statement_that_waits_past_its_timeout_for_a_lock_is_a_store_error_and
             capabilities.revoke("ops", authority)
     assert capabilities.show("ops", authority).revoked_at is None
     store.close()
+
+
+def test_a_database_out_of_connections_is_a_store_error_that_says_what_to_change() -> None:
+    with postgres_server(max_connections=5) as server:
+        url = server.database()
+        # PostgreSQL keeps some of its slots for superusers (the tests' user is one): hold every slot there is.
+        held = []
+        with contextlib.ExitStack() as stack:
+            while True:
+                try:
+                    held.append(stack.enter_context(psycopg.connect(url)))
+                except psycopg.OperationalError:  # "sorry, too many clients already"
+                    break
+            assert held, "no connection could be opened at all"
+            with pytest.raises(StoreError, match=r"has no connection left .* lower CAPABILITY_STORE_POOL_SIZE"):
+                PostgresStore(url)
+        store = PostgresStore(url)  # the slots are free again: it opens
+        store.close()

@@ -1,5 +1,6 @@
-"""A real, throwaway PostgreSQL server for the tests: Debian's binaries, a cluster in a temporary directory, a free
-loopback port. ``initdb`` and ``postgres`` refuse to run as root, so as root they run as the ``postgres`` user.
+"""A real, throwaway PostgreSQL server for the tests and the benchmarks: Debian's binaries, a cluster in a
+temporary directory, a free loopback port. ``initdb`` and ``postgres`` refuse to run as root, so as root they run
+as the ``postgres`` user.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def postgres_binaries() -> Path | None:
 class PostgresServer:
     """One cluster: :meth:`start`, :meth:`database` for a fresh database's URL, :meth:`stop`/:meth:`restart`."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 200) -> None:
         binaries = postgres_binaries()
         if binaries is None:
             raise RuntimeError("no PostgreSQL server binaries: scripts/test installs Debian's postgresql package "
                                "(apt-get install postgresql)")
         self.binaries = binaries
+        self.max_connections = max_connections
         self.port = free_port()
         # Outside pytest's private tmp tree: the postgres user must be able to reach it.
         self.root = Path(tempfile.mkdtemp(prefix="capability-postgres-"))
@@ -61,7 +63,7 @@ class PostgresServer:
             self._run(str(self.binaries / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
                       "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                   "-c max_connections=200 -c fsync=on")
+                   f"-c max_connections={self.max_connections} -c fsync=on")
         self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                   "-o", options, "start")
         return self
@@ -91,8 +93,8 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
+def postgres_server(max_connections: int = 200) -> Iterator[PostgresServer]:
+    server = PostgresServer(max_connections)
     try:
         yield server.start()
     finally:
