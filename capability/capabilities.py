@@ -414,7 +414,7 @@ class Capabilities:
         db = self.store.read()
         now = self._now(db)
         try:
-            return self._grant(db, entity, capability_id, now, "use")
+            return self._grant(db, entity, capability_id, now, "use", loaded=self._chain_rows(db, capability_id))
         except DeniedError as error:
             self.record(entity, capability_id, "generate", "denied", detail=str(error))
             raise
@@ -435,9 +435,11 @@ class Capabilities:
         dies frees its slot by then.
         """
         with self.store.write() as db:
-            self._lock_chain(db, capability_id)
+            # Leases that expired are swept before the chain's lock is taken: the lock is held as briefly as can be.
+            self._sweep_expired_leases(db, self._now(db))
+            chain = self._chain_rows(db, capability_id, lock=True)
             now = self._now(db)
-            grant = self._grant(db, entity, capability_id, now, "use")
+            grant = self._grant(db, entity, capability_id, now, "use", loaded=chain)
             lease = "lease_" + secrets.token_urlsafe(16)
             self._take_slot(db, lease, grant, now)
             return lease
@@ -449,8 +451,10 @@ class Capabilities:
             now = self._now(db)
             renewed = db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + LEASE_SECONDS, lease))
             if renewed.rowcount == 0:
-                self._lock_chain(db, capability_id)
-                self._take_slot(db, lease, self._grant(db, entity, capability_id, now, "use"), now)
+                self._sweep_expired_leases(db, now)
+                chain = self._chain_rows(db, capability_id, lock=True)
+                now = self._now(db)
+                self._take_slot(db, lease, self._grant(db, entity, capability_id, now, "use", loaded=chain), now)
 
     def release_slot(self, lease: str, record: Mapping[str, Any] | None = None) -> None:
         """Free a slot; with ``record`` (the arguments of :meth:`record`), audit the generation in the same
@@ -462,20 +466,30 @@ class Capabilities:
 
     # --- internals -----------------------------------------------------------------------------------------------
 
-    def _lock_chain(self, db: Db, capability_id: str) -> None:
-        if isinstance(capability_id, str) and _is_utf8(capability_id):  # else no such capability: refused next
-            self.store.lock_capability_chain(db, capability_id, MAX_CHAIN_LENGTH)
+    def _chain_rows(self, db: Db, capability_id: object, *, lock: bool = False) -> dict[str, Capability]:
+        """The capability and its ancestors, read in one statement (and on a shared store held until the
+        transaction ends, root first, with ``lock``): what :meth:`_grant` checks, without a query per link."""
+        if not isinstance(capability_id, str) or not _is_utf8(capability_id):
+            return {}  # no such capability: the check that follows refuses it
+        rows = self.store.capability_chain(db, capability_id, MAX_CHAIN_LENGTH, lock=lock)
+        return {row["id"]: Capability.from_row(row) for row in rows}
+
+    def _sweep_expired_leases(self, db: Db, now: float) -> None:
+        db.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
 
     def _take_slot(self, db: Db, lease: str, grant: Grant, now: float) -> None:
+        """Count the slots in use against every budget of the chain (expired leases swept already), and take one."""
         budgets = [link for link in grant.chain if link.type == GENERATE]
-        expired = [row["id"] for row in db.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
-        db.executemany("DELETE FROM leases WHERE id = ?", [(old,) for old in expired])
-        for link in budgets:
-            limit = link.params.get("max_concurrent")
-            if limit is None:
-                continue
-            in_use = db.execute("SELECT COUNT(*) AS in_use FROM lease_budgets WHERE capability_id = ?",
-                                (link.id,)).fetchone()["in_use"]
+        limited = [link for link in budgets if link.params.get("max_concurrent") is not None]
+        counts: dict[str, int] = {}
+        if limited:
+            placeholders = ", ".join("?" for _ in limited)
+            counts = {row["capability_id"]: int(row["in_use"]) for row in db.execute(
+                f"SELECT capability_id, COUNT(*) AS in_use FROM lease_budgets WHERE capability_id IN ({placeholders})"  # noqa: S608 - placeholders only
+                " GROUP BY capability_id", [link.id for link in limited])}
+        for link in limited:
+            limit = link.params["max_concurrent"]
+            in_use = counts.get(link.id, 0)
             if in_use >= limit:
                 raise ConcurrencyLimitError(
                     f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
@@ -506,10 +520,12 @@ class Capabilities:
         )
         return self._load(db, identifier)
 
-    def _find(self, db: Db, capability_id: object) -> Capability | None:
+    def _find(self, db: Db, capability_id: object, loaded: Mapping[str, Capability] | None = None) -> Capability | None:
         # No stored id holds a lone surrogate (ids are URL-safe base64), and SQLite would refuse to bind one.
         if not isinstance(capability_id, str) or not _is_utf8(capability_id):
             return None
+        if loaded is not None and capability_id in loaded:
+            return loaded[capability_id]
         row = db.execute("SELECT * FROM capabilities WHERE id = ?", (capability_id,)).fetchone()
         return Capability.from_row(row) if row else None
 
@@ -518,21 +534,23 @@ class Capabilities:
         assert capability is not None
         return capability
 
-    def _held(self, db: Db, entity: str, capability_id: str, verb: str) -> Capability:
-        capability = self._find(db, capability_id)
+    def _held(self, db: Db, entity: str, capability_id: str, verb: str,
+              loaded: Mapping[str, Capability] | None = None) -> Capability:
+        capability = self._find(db, capability_id, loaded)
         # One message for "no such id" and "someone else's": ids are not to be probed for.
         if capability is None or capability.owner != entity:
             raise DeniedError(f"cannot {verb} capability {describe_value(capability_id)}: it is not held by "
                               f"{describe_value(entity)}")
         return capability
 
-    def _chain(self, db: Db, capability: Capability) -> list[Capability]:
+    def _chain(self, db: Db, capability: Capability,
+               loaded: Mapping[str, Capability] | None = None) -> list[Capability]:
         chain = [capability]
         while chain[-1].parent_id is not None:
             if len(chain) >= MAX_CHAIN_LENGTH:
                 raise DeniedError(f"capability {capability.id!r} has a delegation chain longer than "
                                   f"{MAX_CHAIN_LENGTH}")
-            parent = self._find(db, chain[-1].parent_id)
+            parent = self._find(db, chain[-1].parent_id, loaded)
             if parent is None:
                 raise DeniedError(f"capability {chain[-1].id!r} has lost its parent {chain[-1].parent_id!r}")
             chain.append(parent)
@@ -544,11 +562,13 @@ class Capabilities:
         if capability.expires_at is not None and capability.expires_at <= now:
             raise DeniedError(f"capability {capability.id!r} expired at {_when(capability.expires_at)}")
 
-    def _grant(self, db: Db, entity: str, capability_id: str, now: float, verb: str) -> Grant:
-        capability = self._held(db, entity, capability_id, verb)
+    def _grant(self, db: Db, entity: str, capability_id: str, now: float, verb: str, *,
+               loaded: Mapping[str, Capability] | None = None) -> Grant:
+        """``loaded``: the chain as :meth:`_chain_rows` read it (links missing from it are read one by one)."""
+        capability = self._held(db, entity, capability_id, verb, loaded)
         if capability.type != GENERATE:
             raise DeniedError(f"capability {capability_id!r} is a {capability.type}, not {GENERATE}")
-        chain = self._chain(db, capability)
+        chain = self._chain(db, capability, loaded)
         for link in chain:
             if link.revoked_at is not None:
                 which = "is revoked" if link is capability else f"is below revoked capability {link.id!r}"

@@ -113,6 +113,7 @@ class PostgresStore(Store):
     """A pool of connections to one PostgreSQL database; the schema is created and migrated on first use."""
 
     dialect = "postgresql"
+    row_lock = " FOR UPDATE OF c"
     stores_secrets = False
     """Server keys are not kept here, only the path of a file each host reads (a mounted Secret, say): a database
     that every application host can read is no place for the key that opens every GPU server."""
@@ -153,16 +154,6 @@ class PostgresStore(Store):
     def now(self, db: Any) -> float:
         row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now").fetchone()
         return float(row["now"])
-
-    def lock_capability_chain(self, db: Any, capability_id: str, max_depth: int) -> None:
-        # Locked in the order of the ORDER BY (PostgreSQL sorts first, then locks): the root first.
-        db.execute("""
-            WITH RECURSIVE chain(id, parent_id, depth) AS (
-                SELECT id, parent_id, 0 FROM capabilities WHERE id = :id
-                UNION ALL SELECT c.id, c.parent_id, chain.depth + 1
-                FROM capabilities c JOIN chain ON c.id = chain.parent_id WHERE chain.depth < :max_depth)
-            SELECT c.id FROM capabilities c JOIN chain ON c.id = chain.id ORDER BY chain.depth DESC FOR UPDATE OF c
-        """, {"id": capability_id, "max_depth": max_depth}).fetchall()
 
     def close(self) -> None:
         self._pool.close()

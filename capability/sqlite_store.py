@@ -202,9 +202,6 @@ class SQLiteStore(Store):
         """This host's clock: a SQLite store has no other host to agree with."""
         return time.time()
 
-    def lock_capability_chain(self, db: Any, capability_id: str, max_depth: int) -> None:
-        """Nothing to do: SQLite's write transactions (BEGIN IMMEDIATE) already run one at a time."""
-
     def close(self) -> None:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is not None:

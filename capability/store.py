@@ -77,16 +77,31 @@ class Store(abc.ABC):
         a store shared by several hosts it is the database server's, and a host whose clock is off can neither
         extend nor steal a budget."""
 
-    @abc.abstractmethod
-    def lock_capability_chain(self, db: Db, capability_id: str, max_depth: int) -> None:
-        """Hold the rows of the capability and of its ancestors (at most ``max_depth`` up) until the transaction
-        ends, taken root first by every caller, so that two writers never wait for each other in a circle: slots
-        of one tree are then taken one at a time on every host, and a revocation or a give either commits before
-        the check that follows (which sees it) or waits until the slot is taken."""
+    row_lock: str = ""
+    """What :meth:`capability_chain` appends to lock the rows it reads: nothing where write transactions already
+    run one at a time (SQLite)."""
+
+    def capability_chain(self, db: Db, capability_id: str, max_depth: int, *, lock: bool = False) -> list[Any]:
+        """The rows of the capability and of its ancestors (at most ``max_depth`` up), root first, in one statement.
+
+        With ``lock``, held until the transaction ends, taken root first by every caller, so that two writers never
+        wait for each other in a circle: slots of one tree are then taken one at a time on every host, and a
+        revocation or a give either commits before the check that follows (which sees it) or waits until the slot
+        is taken. (PostgreSQL sorts before it locks, so the ORDER BY is the order of the locks.)"""
+        sql = _CHAIN_QUERY + (self.row_lock if lock else "")
+        return db.execute(sql, {"id": capability_id, "max_depth": max_depth}).fetchall()
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release this thread's connection (SQLite) or the pool (PostgreSQL)."""
+
+
+_CHAIN_QUERY = """
+    WITH RECURSIVE chain(id, parent_id, depth) AS (
+        SELECT id, parent_id, 0 FROM capabilities WHERE id = :id
+        UNION ALL SELECT c.id, c.parent_id, chain.depth + 1
+        FROM capabilities c JOIN chain ON c.id = chain.parent_id WHERE chain.depth < :max_depth)
+    SELECT c.* FROM capabilities c JOIN chain ON c.id = chain.id ORDER BY chain.depth DESC"""
 
 
 def store_url(location: str | None, state_dir: Path) -> str:
