@@ -51,15 +51,21 @@ def rows(store: Store, sql: str) -> list[dict[str, Any]]:
     return [dict(row) for row in store.read().execute(sql)]
 
 
+def sqlite_source(directory: Path) -> tuple[Path, dict[str, str], list[dict[str, Any]]]:
+    """A closed SQLite store with :func:`history` in it: its path, the ids, its audit log."""
+    path = directory / STORE_FILE
+    (directory / "gpu.key").write_text("the-gpu-key\n")
+    source = SQLiteStore(path)
+    ids = history(source, directory / "gpu.key")
+    audit = rows(source, "SELECT * FROM audit ORDER BY id")
+    source.close()
+    return path, ids, audit
+
+
 def test_a_sqlite_store_moves_into_postgresql_whole_and_a_second_run_finds_it_done(
     tmp_path: Path, postgres: PostgresServer,
 ) -> None:
-    source_path = tmp_path / STORE_FILE
-    (tmp_path / "gpu.key").write_text("the-gpu-key\n")
-    source = SQLiteStore(source_path)
-    ids = history(source, tmp_path / "gpu.key")
-    audit_before = rows(source, "SELECT * FROM audit ORDER BY id")
-    source.close()
+    source_path, ids, audit_before = sqlite_source(tmp_path)
     target_url = postgres.database()
     key_dir = tmp_path / "keys"
 
@@ -97,11 +103,7 @@ def test_a_sqlite_store_moves_into_postgresql_whole_and_a_second_run_finds_it_do
 def test_a_non_empty_target_is_refused_unless_forced_and_keys_need_a_directory(
     tmp_path: Path, postgres: PostgresServer,
 ) -> None:
-    source_path = tmp_path / STORE_FILE
-    (tmp_path / "gpu.key").write_text("the-gpu-key\n")
-    source = SQLiteStore(source_path)
-    history(source, tmp_path / "gpu.key")
-    source.close()
+    source_path, _, _ = sqlite_source(tmp_path)
     target_url = postgres.database()
 
     no_keys = migrate("--from", f"sqlite://{source_path}", "--to", target_url)
