@@ -11,7 +11,6 @@ import argparse
 import base64
 import json
 import re
-import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": type(error).__name__, "message": str(error)}))
         print(f"refused: {error}", file=sys.stderr)
         return 1
-    except (OSError, sqlite3.Error) as error:
+    except OSError as error:  # both stores raise StoreError for their own failures (above)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if arguments.json else text)
