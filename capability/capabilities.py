@@ -22,7 +22,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from inference_client.contract import describe_value
 
 from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
-from .store import Db, Store
+from .store import Cursor, Db, Store
 
 GENERATE = "diffusers.generate"
 MINT = "sys.mint"
@@ -436,12 +436,14 @@ class Capabilities:
         """
         with self.store.write() as db:
             # Leases that expired are swept before the chain's lock is taken: the lock is held as briefly as can be.
-            self._sweep_expired_leases(db, self._now(db))
+            self._sweep_expired_leases(db)
             chain = self._chain_rows(db, capability_id, lock=True)
+            # Sent before the time is read: on a pipelined store both come back in one round trip.
+            in_use = self._count_leases(db, chain.values())
             now = self._now(db)
             grant = self._grant(db, entity, capability_id, now, "use", loaded=chain)
             lease = "lease_" + secrets.token_urlsafe(16)
-            self._take_slot(db, lease, grant, now)
+            self._take_slot(db, lease, grant, now, in_use)
             return lease
 
     def renew_slot(self, entity: str, capability_id: str, lease: str) -> None:
@@ -451,10 +453,12 @@ class Capabilities:
             now = self._now(db)
             renewed = db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + LEASE_SECONDS, lease))
             if renewed.rowcount == 0:
-                self._sweep_expired_leases(db, now)
+                self._sweep_expired_leases(db)
                 chain = self._chain_rows(db, capability_id, lock=True)
+                in_use = self._count_leases(db, chain.values())
                 now = self._now(db)
-                self._take_slot(db, lease, self._grant(db, entity, capability_id, now, "use", loaded=chain), now)
+                grant = self._grant(db, entity, capability_id, now, "use", loaded=chain)
+                self._take_slot(db, lease, grant, now, in_use)
 
     def release_slot(self, lease: str, record: Mapping[str, Any] | None = None) -> None:
         """Free a slot; with ``record`` (the arguments of :meth:`record`), audit the generation in the same
@@ -474,26 +478,39 @@ class Capabilities:
         rows = self.store.capability_chain(db, capability_id, MAX_CHAIN_LENGTH, lock=lock)
         return {row["id"]: Capability.from_row(row) for row in rows}
 
-    def _sweep_expired_leases(self, db: Db, now: float) -> None:
-        db.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
+    def _clock(self, db: Db) -> tuple[str, tuple[float, ...]]:
+        """The time as an SQL operand and its parameters: the store's clock read inside the statement where the
+        store has one in SQL (no round trip of its own), else the time as a parameter."""
+        if self.clock is None and self.store.clock_sql is not None:
+            return self.store.clock_sql, ()
+        return "?", (self._now(db),)
 
-    def _take_slot(self, db: Db, lease: str, grant: Grant, now: float) -> None:
-        """Count the slots in use against every budget of the chain (expired leases swept already), and take one."""
+    def _sweep_expired_leases(self, db: Db) -> None:
+        clock, parameters = self._clock(db)
+        db.execute(f"DELETE FROM leases WHERE expires_at <= {clock}", parameters)  # noqa: S608 - no user input
+
+    @staticmethod
+    def _count_leases(db: Db, chain: Iterable[Capability]) -> Cursor | None:
+        """The slots in use against each budget of the chain (``capability_id``, ``in_use`` rows), or None if
+        no link has a budget. Expired leases are swept already."""
+        limited = [link.id for link in chain if link.type == GENERATE and link.params.get("max_concurrent") is not None]
+        if not limited:
+            return None
+        placeholders = ", ".join("?" for _ in limited)
+        return db.execute(
+            f"SELECT capability_id, COUNT(*) AS in_use FROM lease_budgets WHERE capability_id IN ({placeholders})"  # noqa: S608 - placeholders only
+            " GROUP BY capability_id", limited)
+
+    def _take_slot(self, db: Db, lease: str, grant: Grant, now: float, in_use: Cursor | None) -> None:
+        """Check the slots in use (:meth:`_count_leases` of the same chain) against every budget, and take one."""
+        counts = {row["capability_id"]: int(row["in_use"]) for row in in_use} if in_use is not None else {}
         budgets = [link for link in grant.chain if link.type == GENERATE]
-        limited = [link for link in budgets if link.params.get("max_concurrent") is not None]
-        counts: dict[str, int] = {}
-        if limited:
-            placeholders = ", ".join("?" for _ in limited)
-            counts = {row["capability_id"]: int(row["in_use"]) for row in db.execute(
-                f"SELECT capability_id, COUNT(*) AS in_use FROM lease_budgets WHERE capability_id IN ({placeholders})"  # noqa: S608 - placeholders only
-                " GROUP BY capability_id", [link.id for link in limited])}
-        for link in limited:
-            limit = link.params["max_concurrent"]
-            in_use = counts.get(link.id, 0)
-            if in_use >= limit:
+        for link in budgets:
+            limit = link.params.get("max_concurrent")
+            if limit is not None and counts.get(link.id, 0) >= limit:
                 raise ConcurrencyLimitError(
                     f"capability {link.id!r} allows {limit} concurrent generation(s) across itself and its "
-                    f"delegates, and {in_use} are running; retry when one finishes"
+                    f"delegates, and {counts.get(link.id, 0)} are running; retry when one finishes"
                 )
         db.execute("INSERT INTO leases (id, capability_id, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?)",
                    (lease, grant.capability.id, f"{socket.gethostname()}:{os.getpid()}", now, now + LEASE_SECONDS))
@@ -593,11 +610,11 @@ class Capabilities:
     def _audit(self, db: Db, entity: str, capability_id: str | None, action: str, outcome: str,
                *, model: str | None = None, width: int | None = None, height: int | None = None,
                steps: int | None = None, detail: str | None = None, at: float | None = None) -> None:
+        clock, clock_parameters = self._clock(db) if at is None else ("?", (at,))
+        columns = "at, entity, capability_id, action, outcome, model, width, height, steps, detail"
         db.execute(
-            "INSERT INTO audit (at, entity, capability_id, action, outcome, model, width, height, steps, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self._now(db) if at is None else at, _storable(entity),
-             _storable(capability_id if isinstance(capability_id, str) else None),
+            f"INSERT INTO audit ({columns}) VALUES ({clock}, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - no user input
+            (*clock_parameters, _storable(entity), _storable(capability_id if isinstance(capability_id, str) else None),
              action, outcome, _storable(model), width, height, steps, _storable(detail)),
         )
 

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,6 +115,7 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
     row_lock = " FOR UPDATE OF c"
+    clock_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
     stores_secrets = False
     """Server keys are not kept here, only the path of a file each host reads (a mounted Secret, say): a database
     that every application host can read is no place for the key that opens every GPU server."""
@@ -126,7 +128,7 @@ class PostgresStore(Store):
         self._pool = ConnectionPool(
             self.url, min_size=1, max_size=size, open=False, timeout=POOL_TIMEOUT_S, name="capability-store",
             # A connection that broke (the server restarted) is found before a caller gets it, and replaced.
-            check=ConnectionPool.check_connection,
+            check=_check_idle_connection,
             kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S,
                     "options": options, "application_name": "capability-layer"},
         )
@@ -145,14 +147,18 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def write(self) -> Iterator[_Connection]:
-        with self._errors(), self._pool.connection() as connection, connection.transaction():
-            yield _Connection(connection, self)
+        # Pipeline mode: statements go out without waiting for each other's results, and the client waits only
+        # where it reads one (the chain it locks, the leases it counts) and at the commit. Releasing a slot with
+        # its audit record (BEGIN, DELETE, INSERT, COMMIT) is then one round trip instead of four.
+        with self._errors(), self._pool.connection() as connection, connection.pipeline() as pipeline, \
+                connection.transaction():
+            yield _Connection(connection, self, pipeline)
 
     def read(self) -> _Reads:
         return _Reads(self)
 
     def now(self, db: Any) -> float:
-        row = db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now").fetchone()
+        row = db.execute(f"SELECT {self.clock_sql} AS now").fetchone()
         return float(row["now"])
 
     def close(self) -> None:
@@ -161,7 +167,9 @@ class PostgresStore(Store):
     # --- internals ---------------------------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        with self.write() as db:
+        # Not pipelined: a migration is several statements in one string, which only the simple protocol takes.
+        with self._errors(), self._pool.connection() as connection, connection.transaction():
+            db = _Connection(connection, self)
             # One host at a time creates or migrates the schema; the others then find it done.
             db.execute("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
             db.execute("CREATE TABLE IF NOT EXISTS capability_schema (version INTEGER NOT NULL)")
@@ -201,19 +209,28 @@ class PostgresStore(Store):
 
 
 class _Connection:
-    """A pooled connection inside a transaction: statements in SQLite's parameter style, errors as StoreError."""
+    """A pooled connection inside a transaction: statements in SQLite's parameter style, errors as StoreError.
+    In a pipeline, a statement's result is waited for only when it is read."""
 
-    def __init__(self, connection: psycopg.Connection[Any], store: PostgresStore) -> None:
+    def __init__(self, connection: psycopg.Connection[Any], store: PostgresStore,
+                 pipeline: psycopg.Pipeline | None = None) -> None:
         self._connection = connection
         self._store = store
+        self._pipeline = pipeline
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         with self._store._errors():
-            return _Result.of(self._connection.execute(translate(sql), _parameters(parameters)))
+            cursor = self._connection.execute(translate(sql), _parameters(parameters))
+            if self._pipeline is not None:
+                return _Pending(cursor, self._pipeline, self._store)
+            return _Result.of(cursor)
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor:
-        with self._store._errors(), self._connection.cursor() as cursor:
+        with self._store._errors():
+            cursor = self._connection.cursor()
             cursor.executemany(translate(sql), [_parameters(each) for each in parameters])
+            if self._pipeline is not None:
+                return _Pending(cursor, self._pipeline, self._store)
             return _Result([], cursor.rowcount)
 
 
@@ -256,6 +273,48 @@ class _Result:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.fetchall())
+
+
+class _Pending:
+    """A statement sent in pipeline mode: the client waits for its result only when it is read."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline, store: PostgresStore) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+        self._store = store
+        self._result: _Result | None = None
+
+    def _fetched(self) -> _Result:
+        if self._result is None:
+            with self._store._errors():
+                self._pipeline.sync()
+                self._result = _Result.of(self._cursor)
+        return self._result
+
+    @property
+    def rowcount(self) -> int:
+        return self._fetched().rowcount
+
+    def fetchone(self) -> Any:
+        return self._fetched().fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._fetched().fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._fetched())
+
+
+def _check_idle_connection(connection: psycopg.Connection[Any]) -> None:
+    """The pool's check before it lends a connection, without a round trip: an idle connection has nothing to
+    read unless its server ended it (a restart, an administrator's terminate) or sent a notice; only then is it
+    asked (psycopg's own check), and the pool replaces it if that fails. Checking every loan with a query (the
+    pool's usual check) cost a round trip each, four per generation."""
+    if connection.closed or connection.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(connection)
 
 
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):([A-Za-z_][A-Za-z0-9_]*)|%")

@@ -77,6 +77,10 @@ class Store(abc.ABC):
         a store shared by several hosts it is the database server's, and a host whose clock is off can neither
         extend nor steal a budget."""
 
+    clock_sql: str | None = None
+    """The store's clock (:meth:`now`) as an SQL expression, where it has one: a statement that needs the time then
+    reads it itself instead of asking for it in a round trip of its own. None where the clock is the host's."""
+
     row_lock: str = ""
     """What :meth:`capability_chain` appends to lock the rows it reads: nothing where write transactions already
     run one at a time (SQLite)."""

@@ -93,7 +93,8 @@ def test_a_database_restart_under_load_loses_no_committed_record_and_the_layer_s
         store = PostgresStore(server.database())
         capabilities = Capabilities(store)
         _, capability = tree(capabilities)
-        committed: list[int] = []
+        committed: set[str] = set()
+        in_doubt: set[str] = set()
         refusals: list[str] = []
         restarted = threading.Event()
         lock = threading.Lock()
@@ -101,14 +102,16 @@ def test_a_database_restart_under_load_loses_no_committed_record_and_the_layer_s
         def write(worker: int) -> None:
             after_restart = 0
             for attempt in range(10_000):  # bounded; ends OPERATIONS_AFTER_RESTART commits after the restart
+                detail = f"{worker}-{attempt}"
                 try:
-                    capabilities.record("ops", capability, "generate", "ok", detail=f"{worker}-{attempt}")
+                    capabilities.record("ops", capability, "generate", "ok", detail=detail)
                 except StoreError as error:
                     with lock:
                         refusals.append(str(error))
+                        in_doubt.add(detail)
                     continue
                 with lock:
-                    committed.append(attempt)
+                    committed.add(detail)
                 if restarted.is_set():
                     after_restart += 1
                     if after_restart == OPERATIONS_AFTER_RESTART:
@@ -125,8 +128,12 @@ def test_a_database_restart_under_load_loses_no_committed_record_and_the_layer_s
             writer.join(120)
         assert not any(writer.is_alive() for writer in writers)
 
-        audited = store.read().execute("SELECT COUNT(*) AS n FROM audit WHERE action = 'generate'").fetchone()["n"]
-        assert audited == len(committed)  # every record whose commit returned, and nothing else
+        stored = {row["detail"] for row in store.read().execute("SELECT detail FROM audit WHERE action = 'generate'")}
+        assert committed <= stored  # every record whose commit returned
+        # A commit whose answer the dropped connection lost may have happened (PostgreSQL cannot say which):
+        # beyond the committed records there are only such ones, at most one per writer.
+        assert stored - committed <= in_doubt
+        assert len(stored - committed) <= len(writers)
         assert all(refusal.startswith(f"capability store {store.url}") for refusal in refusals), refusals[:3]
         assert all("retry" in refusal or "check that PostgreSQL runs" in refusal for refusal in refusals)
         store.close()
