@@ -19,11 +19,13 @@ from typing import Any, TypeVar
 from inference_client import contract, triton
 from inference_client.contract import Progress
 from inference_client.state import (
+    InferKeyFileError,
     NoServerError,
     ServerDescription,
     StateDirError,
     UntrustedStateDirError,
     http_key_headers,
+    read_infer_key_file,
     read_server_description,
 )
 
@@ -142,14 +144,10 @@ class ServerKeys:
 
 def _read_key_file(path: Path, url: str) -> str:
     try:
-        key = path.read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise UnknownServerError(f"the key file {path} of {url} cannot be read on this host "
-                                 f"({error.strerror or error}): every host needs it at that path (e.g. a mounted "
-                                 "Kubernetes Secret)") from None
-    if not key:
-        raise UnknownServerError(f"the key file {path} of {url} is empty")
-    return key
+        return read_infer_key_file(path)
+    except InferKeyFileError as error:
+        raise UnknownServerError(f"{error} (the key of {url}): every host that uses this server needs the key at "
+                                 "that path (e.g. a mounted Kubernetes Secret)") from None
 
 
 def canonical_grpc_address(address: str, server_url: str) -> str:

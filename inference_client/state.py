@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import urllib.parse
 from dataclasses import dataclass
@@ -41,6 +42,37 @@ INFER_KEY_HEADER = "infer-key"
 """HTTP header that carries the inference key: Triton's restricted-API setting names it."""
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 """Triton's gRPC endpoint reads a restricted protocol's header from metadata named with this prefix."""
+
+
+INFER_KEY_RULE = ("24 to 512 characters of A-Z, a-z, 0-9, '.', '_', '~' and '-' on one line (make one with "
+                  "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'` or `openssl rand -hex 32`)")
+"""What an operator's key must be: long enough to be a secret, and only characters that pass unchanged through
+tritonserver's ``--http-restricted-api API:HEADER=KEY`` argument, an HTTP header and gRPC metadata."""
+_INFER_KEY = re.compile(r"[A-Za-z0-9._~-]{24,512}")
+
+
+class InferKeyFileError(ValueError):
+    """A key file that cannot be read or holds no usable key. The message names the file, never the key."""
+
+
+def read_infer_key_file(path: Path) -> str:
+    """The inference key in ``path``: a file an operator provides (a mounted Kubernetes Secret, say) or the one
+    the launcher writes. Surrounding whitespace (a final newline) is not part of the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InferKeyFileError(f"inference key file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise InferKeyFileError(f"inference key file {path} is not UTF-8 text; the key must be {INFER_KEY_RULE}") \
+            from None
+    key = text.strip()
+    if not key:
+        raise InferKeyFileError(f"inference key file {path} is empty; the key must be {INFER_KEY_RULE}")
+    if not _INFER_KEY.fullmatch(key):
+        # The key itself is never shown: the file may hold the right secret with one wrong character.
+        raise InferKeyFileError(f"inference key file {path} holds {len(key)} characters that are not a usable key: "
+                                f"the key must be {INFER_KEY_RULE}")
+    return key
 
 
 def http_key_headers(key: str) -> dict[str, str]:

@@ -104,6 +104,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address the HTTP, gRPC and metrics endpoints listen on (default: %(default)s); "
                              "0.0.0.0 only inside a container whose ports are published on the host's loopback "
                              "(docker/compose.yaml): the launcher itself always connects through 127.0.0.1")
+    parser.add_argument("--infer-key-file", type=Path, default=None, metavar="PATH",
+                        help="use the inference key in PATH (e.g. a mounted Kubernetes Secret, shared by every "
+                             "replica and capability host) instead of a new random one at each start; restarts "
+                             "keep it, a new key takes a new start (docs/serving.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the tritonserver command and exit")
     arguments = parser.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         executable=arguments.tritonserver,
         log_file=arguments.log_file,
         log_verbose=arguments.log_verbose,
+        infer_key_file=arguments.infer_key_file.resolve() if arguments.infer_key_file else None,
         extra_args=listen_arguments(arguments.listen_address),
     )
     server = TritonServer(options)

@@ -35,7 +35,9 @@ from inference_client.state import (
     INFER_KEY_HEADER,
     SERVER_FILE,
     STATE_DIR,
+    InferKeyFileError,
     http_key_headers,
+    read_infer_key_file,
     state_dir_problem,
 )
 
@@ -87,6 +89,9 @@ class ServerOptions:
     log_file: Path | None = None
     """None: ``<state_dir>/tritonserver.log``; ``Path("-")``: this process's stderr."""
     log_verbose: int = 0
+    infer_key_file: Path | None = None
+    """An operator's inference key (a mounted Kubernetes Secret, say), shared by every replica and every
+    capability host; None: a new random key at each start."""
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -329,12 +334,22 @@ class TritonServer:
         self._lock_state_dir()
         self._check_ports_free()
         (state_dir / SERVER_FILE).unlink(missing_ok=True)
-        # A new key each start: a key read by an earlier client of an earlier server is worth nothing now.
-        self.infer_key = secrets.token_urlsafe(32)
+        self.infer_key = self._key_for_this_start()
+        # Local clients (the health check, the CLI on this host) read the key where they always do.
         write_private_file(state_dir / INFER_KEY_FILE, self.infer_key + "\n")
         if self.log_path is not None:  # a fresh log per start; restarts append to it, so a crash's log is kept
             self._log_handle = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self._launch()
+
+    def _key_for_this_start(self) -> str:
+        """The operator's key if one was given; else a new one, so that a key read by a client of an earlier
+        server is worth nothing now. Restarts keep the key of the start (rotation is a new start)."""
+        if self.options.infer_key_file is None:
+            return secrets.token_urlsafe(32)
+        try:
+            return read_infer_key_file(self.options.infer_key_file)
+        except InferKeyFileError as error:
+            raise ServerStartError(f"{error} (--infer-key-file)") from None
 
     def restart(self) -> None:
         """Stop the process and start it again, ready, on the same ports with the same key and state dir.

@@ -9,16 +9,25 @@ import signal
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from tritonclient.utils import InferenceServerException
 
-from inference_client import triton
+from inference_client import contract, triton
 from inference_client.state import INFER_KEY_FILE, SERVER_FILE
 from triton_launcher.errors import ServerStartError
 from triton_launcher.installation import MALLOC_TUNABLES
-from triton_launcher.repository import STREAM_SUFFIX, TINY_CPU_INSTANCES, TINY_STREAMING, with_parameters
+from triton_launcher.repository import (
+    STREAM_SUFFIX,
+    TINY_CPU_INSTANCES,
+    TINY_STREAMING,
+    build_tiny_repository,
+    with_parameters,
+)
 from triton_launcher.server import TritonServer, free_ports
 
 from .conftest import TINY_MODELS, tiny_server_options
@@ -113,3 +122,28 @@ def test_server_start_fails_with_advice_when_hub_weights_cannot_be_had_offline(
     message = str(caught.value)
     assert "weights of example-org/not-cached-model cannot be had" in message
     assert "HF_HUB_OFFLINE is set" in message
+
+
+def test_an_operator_key_from_a_file_opens_the_server_and_survives_the_watchdogs_restart(tmp_path: Path) -> None:
+    """Every replica of a deployment started with the same --infer-key-file (a mounted Secret) takes that key,
+    and a restart keeps it, so capability hosts holding it are never locked out."""
+    repository = build_tiny_repository(tmp_path / "repository", families=("sd15",), streaming=())
+    operator_key = "replica-secret-" + "9f8e7d6c5b4a3210" * 2
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "infer-key").write_text(operator_key + "\n")
+    options = replace(tiny_server_options(repository, tmp_path / "state"),
+                      infer_key_file=tmp_path / "secret" / "infer-key")
+    with TritonServer(options) as server:
+        assert server.infer_key == operator_key
+        assert (tmp_path / "state" / INFER_KEY_FILE).read_text().strip() == operator_key
+        request = contract.TextToImage("a red cube", width=64, height=64, num_inference_steps=1, seed=3)
+        with server.http_client(timeout_s=120) as client:
+            before = triton.infer_http(client, "tiny-sd15", request, operator_key)
+            with pytest.raises(InferenceServerException) as refused:
+                triton.infer_http(client, "tiny-sd15", request, "some-other-key-of-24-chars")
+            assert refused.value.status() == "403"
+        server.restart()
+        assert server.infer_key == operator_key
+        with server.http_client(timeout_s=120) as client:
+            after = triton.infer_http(client, "tiny-sd15", request, operator_key)
+        assert np.array_equal(before.image, after.image)

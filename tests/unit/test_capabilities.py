@@ -439,20 +439,20 @@ def test_registered_keys_stay_out_of_a_shared_store_which_keeps_only_where_each_
     from capability.servers import ServerKeys
 
     keys = ServerKeys(store, None)
-    path = key_file(tmp_path, "the-key")
+    path = key_file(tmp_path, "the-key-of-the-gpu-server-0001")
     keys.register("http://gpu:8000", path, grpc_address="gpu:8001")
-    assert keys.key_for("http://gpu:8000") == "the-key"
+    assert keys.key_for("http://gpu:8000") == "the-key-of-the-gpu-server-0001"
     [row] = store.read().execute("SELECT * FROM servers").fetchall()
     columns = dict(row)
     if store.stores_secrets:  # SQLite: one host's private file
-        assert columns["infer_key"] == "the-key"
+        assert columns["infer_key"] == "the-key-of-the-gpu-server-0001"
     else:  # PostgreSQL: every host reads it, so it holds where the key is, never the key
-        assert "the-key" not in {str(value) for value in columns.values()}
+        assert "the-key-of-the-gpu-server-0001" not in {str(value) for value in columns.values()}
         assert columns["infer_key_file"] == str(path.resolve())
-        path.write_text("a-rotated-key\n")  # a rolling restart with a new Secret: read when needed
-        assert keys.key_for("http://gpu:8000") == "a-rotated-key"
+        path.write_text("a-rotated-key-of-the-gpu-server-02\n")  # a rolling restart with a new Secret: read when needed
+        assert keys.key_for("http://gpu:8000") == "a-rotated-key-of-the-gpu-server-02"
         path.unlink()
-        with pytest.raises(UnknownServerError, match="cannot be read on this host"):
+        with pytest.raises(UnknownServerError, match=r"cannot be read: No such file.*every host that uses this server"):
             keys.key_for("http://gpu:8000")
 
 
@@ -474,21 +474,21 @@ def test_a_version_1_store_is_migrated_keeping_its_rows_and_registered_servers_g
     assert keys.key_for("http://gpu:8000") == "k"
     with pytest.raises(UnknownServerError, match="--grpc-address HOST:PORT"):
         keys.grpc_address("http://gpu:8000")
-    keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="GPU:8001")
+    keys.register("http://gpu:8000", key_file(tmp_path, "k2-" + "x" * 24), grpc_address="GPU:8001")
     assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
     with pytest.raises(InvalidParamsError, match="grpc_address='gpu' is invalid: must be HOST:PORT"):
-        keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="gpu")
+        keys.register("http://gpu:8000", key_file(tmp_path, "k2-" + "x" * 24), grpc_address="gpu")
     # The key goes to that address too: it must be on the server's own host.
     with pytest.raises(InvalidParamsError, match="its host is not 'gpu', the host of http://gpu:8000"):
-        keys.register("http://gpu:8000", key_file(tmp_path, "k2"), grpc_address="elsewhere:8001")
+        keys.register("http://gpu:8000", key_file(tmp_path, "k2-" + "x" * 24), grpc_address="elsewhere:8001")
     with pytest.raises(InvalidParamsError, match=r"\[::1\]:8001 for IPv6"):
-        keys.register("http://[::1]:8000", key_file(tmp_path, "k2"), grpc_address="::1:8001")
-    keys.register("http://[::1]:8000", key_file(tmp_path, "k2"), grpc_address="[::1]:8001")
+        keys.register("http://[::1]:8000", key_file(tmp_path, "k2-" + "x" * 24), grpc_address="::1:8001")
+    keys.register("http://[::1]:8000", key_file(tmp_path, "k2-" + "x" * 24), grpc_address="[::1]:8001")
     assert keys.grpc_address("http://[::1]:8000") == "[::1]:8001"
     # A new key alone keeps the registered address.
-    keys.register("http://gpu:8000", key_file(tmp_path, "k3"))
+    keys.register("http://gpu:8000", key_file(tmp_path, "k3-" + "x" * 24))
     assert keys.grpc_address("http://gpu:8000") == "gpu:8001"
-    keys.register("https://tls:8443", key_file(tmp_path, "k"), grpc_address="tls:8001")
+    keys.register("https://tls:8443", key_file(tmp_path, "k-" + "x" * 24), grpc_address="tls:8001")
     with pytest.raises(UnknownServerError, match="plain gRPC, which would carry the key unencrypted"):
         keys.grpc_address("https://tls:8443")
     store.close()

@@ -44,7 +44,7 @@ def test_the_capability_layer_reports_a_down_server_as_temporarily_unavailable_s
 ) -> None:
     http_port, grpc_port = nothing_listening
     keys = ServerKeys(SQLiteStore(tmp_path / STORE_FILE), state_dir=None)
-    (tmp_path / "key").write_text("key\n")
+    (tmp_path / "key").write_text("a-key-of-at-least-24-characters\n")
     url = keys.register(f"http://127.0.0.1:{http_port}", tmp_path / "key", f"127.0.0.1:{grpc_port}")
     gateway = TritonGateway(url, keys)
     for _ in range(TRIES):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from inference_client.state import SERVER_FILE
+from inference_client.state import INFER_KEY_FILE, SERVER_FILE, InferKeyFileError, read_infer_key_file
 from triton_launcher.errors import ServerStartError
 from triton_launcher.paths import STATE_LOCK_FILE
-from triton_launcher.server import ServerOptions, TritonServer, prepare_state_dir, write_private_file
+from triton_launcher.server import ServerOptions, TritonServer, free_port, prepare_state_dir, write_private_file
 
 
 def test_prepare_state_dir_creates_it_private_when_missing(tmp_path: Path) -> None:
@@ -52,3 +52,51 @@ def test_server_refuses_a_state_dir_and_leaves_its_files_when_another_server_hol
         ):
             pass
     assert (tmp_path / SERVER_FILE).read_text() == "{}"
+
+
+OPERATOR_KEY = "k8s-secret-" + "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize(("content", "rule"), [
+    (None, "cannot be read: No such file or directory"),
+    ("", "is empty"),
+    ("\n  \n", "is empty"),
+    ("short-key\n", "holds 9 characters that are not a usable key: the key must be 24 to 512 characters"),
+    (OPERATOR_KEY + " trailing words\n", "holds 58 characters that are not a usable key"),
+    (OPERATOR_KEY[:-1] + ",\n", "holds 43 characters that are not a usable key"),
+    ("x" * 513, "holds 513 characters"),
+])
+def test_an_unusable_operator_key_file_is_refused_naming_the_file_and_the_rule_never_the_key(
+    tmp_path: Path, content: str | None, rule: str,
+) -> None:
+    path = tmp_path / "infer-key"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InferKeyFileError) as refused:
+        read_infer_key_file(path)
+    message = str(refused.value)
+    assert message.startswith(f"inference key file {path} ")
+    assert rule in message
+    assert "secrets.token_urlsafe(32)" in message or "cannot be read" in message
+    if content and content.strip():
+        assert content.strip() not in message
+        assert OPERATOR_KEY[:12] not in message
+
+
+def test_an_operator_key_file_gives_its_key_without_the_surrounding_whitespace(tmp_path: Path) -> None:
+    path = tmp_path / "infer-key"
+    path.write_text(f"  {OPERATOR_KEY}\n")
+    assert read_infer_key_file(path) == OPERATOR_KEY
+    path.write_bytes(b"\xff\xfe" + OPERATOR_KEY.encode())
+    with pytest.raises(InferKeyFileError, match="is not UTF-8 text"):
+        read_infer_key_file(path)
+
+
+def test_a_server_given_an_unusable_key_file_does_not_start_and_writes_no_key(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    (tmp_path / "infer-key").write_text("too-short\n")
+    options = ServerOptions(model_repository=tmp_path, state_dir=state_dir, http_port=free_port(),
+                            infer_key_file=tmp_path / "infer-key")
+    with pytest.raises(ServerStartError, match=r"holds 9 characters .*\(--infer-key-file\)"), TritonServer(options):
+        pass
+    assert not (state_dir / INFER_KEY_FILE).exists()

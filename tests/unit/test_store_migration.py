@@ -54,7 +54,7 @@ def rows(store: Store, sql: str) -> list[dict[str, Any]]:
 def sqlite_source(directory: Path) -> tuple[Path, dict[str, str], list[dict[str, Any]]]:
     """A closed SQLite store with :func:`history` in it: its path, the ids, its audit log."""
     path = directory / STORE_FILE
-    (directory / "gpu.key").write_text("the-gpu-key\n")
+    (directory / "gpu.key").write_text("the-key-of-the-gpu-server-0001\n")
     source = SQLiteStore(path)
     ids = history(source, directory / "gpu.key")
     audit = rows(source, "SELECT * FROM audit ORDER BY id")
@@ -89,8 +89,8 @@ def test_a_sqlite_store_moves_into_postgresql_whole_and_a_second_run_finds_it_do
     # The server's key went into a private file; the shared store holds only its path.
     key_file = key_dir / "gpu_8000.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert ServerKeys(target, None).key_for("http://gpu:8000") == "the-gpu-key"
-    assert "the-gpu-key" not in json.dumps(rows(target, "SELECT * FROM servers"))
+    assert ServerKeys(target, None).key_for("http://gpu:8000") == "the-key-of-the-gpu-server-0001"
+    assert "the-key-of-the-gpu-server-0001" not in json.dumps(rows(target, "SELECT * FROM servers"))
     # New entries follow the copied ones (the denial above was one).
     capabilities.record("ops", ids["minted"], "generate", "ok", detail="after the move")
     after = rows(target, "SELECT id, detail FROM audit ORDER BY id")
@@ -109,7 +109,7 @@ def test_a_non_empty_target_is_refused_unless_forced_and_keys_need_a_directory(
     no_keys = migrate("--from", f"sqlite://{source_path}", "--to", target_url)
     assert no_keys.returncode == 1
     assert "give --key-dir DIR" in no_keys.stderr
-    assert "the-gpu-key" not in no_keys.stderr + no_keys.stdout
+    assert "the-key-of-the-gpu-server-0001" not in no_keys.stderr + no_keys.stdout
 
     other = open_store(target_url, tmp_path)
     Capabilities(other).create_authority("someone-else")
