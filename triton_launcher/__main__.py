@@ -16,6 +16,7 @@ The main thread only waits for signals (:mod:`.signals`); a supervisor thread st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -27,6 +28,7 @@ from typing import NoReturn
 
 from inference_client.state import STATE_DIR
 
+from .agent import DrainAgent, ReplicaState
 from .errors import LauncherError, StopRequestedError
 from .paths import MODEL_REPOSITORY, TINY_REPOSITORY
 from .server import (
@@ -108,6 +110,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the inference key in PATH (e.g. a mounted Kubernetes Secret, shared by every "
                              "replica and capability host) instead of a new random one at each start; restarts "
                              "keep it, a new key takes a new start (docs/serving.md)")
+    parser.add_argument("--agent-port", type=int, default=None, metavar="N",
+                        help="answer HAProxy's agent check on this port (same address as the server): ready, "
+                             "drain while a stop drains, down while starting, restarting or stopping "
+                             "(docs/kubernetes.md); default: no agent")
+    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="SECONDS",
+                        help="on a stop, keep serving this long first while the agent says drain, so that a "
+                             "proxy routes new requests elsewhere before tritonserver stops (default: 0)")
     parser.add_argument("--dry-run", action="store_true", help="print the tritonserver command and exit")
     arguments = parser.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -121,6 +130,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--probe-timeout={arguments.probe_timeout} is invalid: must be a positive number of seconds")
     if not 0 <= arguments.exit_timeout <= MAX_EXIT_TIMEOUT_S:
         parser.error(f"--exit-timeout={arguments.exit_timeout} is invalid: must be 0 to {MAX_EXIT_TIMEOUT_S} seconds")
+    if not 0 <= arguments.drain_seconds <= MAX_EXIT_TIMEOUT_S:
+        parser.error(f"--drain-seconds={arguments.drain_seconds} is invalid: must be 0 to {MAX_EXIT_TIMEOUT_S} seconds")
+    if arguments.agent_port is not None and not 1 <= arguments.agent_port <= 65535:
+        parser.error(f"--agent-port={arguments.agent_port} is invalid: must be a TCP port, 1 to 65535")
     if arguments.ready_timeout <= 0:
         parser.error(f"--ready-timeout={arguments.ready_timeout} is invalid: must be a positive number of seconds")
     if arguments.model_repository is not None and not arguments.model_repository.is_dir():
@@ -157,37 +170,74 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CLEAN
 
     become_subreaper()  # the stubs of a server that died are reaped here, with or without an init
-    with StopSignals() as signals:
-        supervisor = Supervisor(server, arguments, signals)
-        supervisor.start()
-        received = signals.wait()
-        if received == WOKEN:  # the server ended without being asked to (a start failure, the watchdog gave up)
-            return supervisor.exit_code
-        assert received is not None
-        name = signal.Signals(received).name
-        logger.info("%s received: stopping; requests in flight get up to %d s (send it again to stop at once)",
-                    name, options.exit_timeout_s)
-        server.request_stop()
-        if supervisor.before_start:
-            # No server yet, so nothing to drain, and what comes before it (the tiny models' build, whose cache
-            # keeps only finished builds) need not be waited for; no server starts once a stop is requested.
-            logger.info("stopped before tritonserver was started")
-            _exit_without(EXIT_CLEAN)
-        deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + GROUP_EXIT_WAIT_S + SUPERVISOR_MARGIN_S
-        received = signals.wait(timeout_s=deadline_s)
+    try:
+        agent = _start_agent(arguments)
+    except LauncherError as error:
+        print(f"scripts/serve: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    with StopSignals() as signals, agent or contextlib.nullcontext():
+        return _serve_until_stopped(server, arguments, signals, agent)
+
+
+def _serve_until_stopped(server: TritonServer, arguments: argparse.Namespace, signals: StopSignals,
+                         agent: DrainAgent | None) -> int:
+    """Serve from a supervisor thread while this (main) thread waits for signals; on the first one drain (if
+    asked to), then stop in order; on a second, or past the deadline, kill. The exit code."""
+    options = server.options
+    supervisor = Supervisor(server, arguments, signals, agent)
+    supervisor.start()
+    received = signals.wait()
+    if received == WOKEN:  # the server ended without being asked to (a start failure, the watchdog gave up)
+        return supervisor.exit_code
+    assert received is not None
+    name = signal.Signals(received).name
+    if arguments.drain_seconds > 0 and supervisor.serving:
+        logger.info("%s received: draining for %.0f s before the stop (the load-balancer agent says drain; "
+                    "requests that still come are served); send it again to stop now", name, arguments.drain_seconds)
+        if agent is not None:
+            agent.set(ReplicaState.DRAINING)
+        received = signals.wait(timeout_s=arguments.drain_seconds)
         if received == WOKEN:
             return supervisor.exit_code
-        if received is None:
-            logger.error("not stopped within %.0f s: killing tritonserver's process group", deadline_s)
-        else:
-            logger.warning("second %s: killing tritonserver's process group now", signal.Signals(received).name)
-        server.kill()
-        # With its process gone the supervisor finishes at once (its state files); it is not waited for beyond
-        # that, so that a supervisor stuck elsewhere (building the tiny models) cannot hold the exit up.
-        if signals.wait(timeout_s=SUPERVISOR_MARGIN_S) != WOKEN:
-            logger.error("the supervisor did not finish; exiting without it")
-            _exit_without(EXIT_FAILED)
-        return EXIT_FAILED
+        if received is not None:
+            name = signal.Signals(received).name
+            logger.warning("second %s: stopping now, without the rest of the drain", name)
+    if agent is not None:
+        agent.set(ReplicaState.STOPPING)
+    logger.info("%s received: stopping; requests in flight get up to %d s (send it again to stop at once)",
+                name, options.exit_timeout_s)
+    server.request_stop()
+    if supervisor.before_start:
+        # No server yet, so nothing to drain, and what comes before it (the tiny models' build, whose cache
+        # keeps only finished builds) need not be waited for; no server starts once a stop is requested.
+        logger.info("stopped before tritonserver was started")
+        _exit_without(EXIT_CLEAN)
+    deadline_s = options.exit_timeout_s + STUB_EXIT_GRACE_S + GROUP_EXIT_WAIT_S + SUPERVISOR_MARGIN_S
+    received = signals.wait(timeout_s=deadline_s)
+    if received == WOKEN:
+        return supervisor.exit_code
+    if received is None:
+        logger.error("not stopped within %.0f s: killing tritonserver's process group", deadline_s)
+    else:
+        logger.warning("second %s: killing tritonserver's process group now", signal.Signals(received).name)
+    server.kill()
+    # With its process gone the supervisor finishes at once (its state files); it is not waited for beyond
+    # that, so that a supervisor stuck elsewhere (building the tiny models) cannot hold the exit up.
+    if signals.wait(timeout_s=SUPERVISOR_MARGIN_S) != WOKEN:
+        logger.error("the supervisor did not finish; exiting without it")
+        _exit_without(EXIT_FAILED)
+    return EXIT_FAILED
+
+
+def _start_agent(arguments: argparse.Namespace) -> DrainAgent | None:
+    if arguments.agent_port is None:
+        return None
+    host = arguments.listen_address
+    try:
+        return DrainAgent(host, arguments.agent_port)
+    except OSError as error:
+        raise LauncherError(f"--agent-port {arguments.agent_port}: cannot listen on {host} "
+                            f"({error.strerror or error})") from None
 
 
 def _exit_without(code: int) -> NoReturn:
@@ -206,11 +256,15 @@ class Supervisor(threading.Thread):
     signal that stops tritonserver if the launcher dies fires when the thread that started it ends.
     """
 
-    def __init__(self, server: TritonServer, arguments: argparse.Namespace, signals: StopSignals) -> None:
+    def __init__(self, server: TritonServer, arguments: argparse.Namespace, signals: StopSignals,
+                 agent: DrainAgent | None = None) -> None:
         super().__init__(name="supervisor", daemon=True)
         self.server = server
         self.arguments = arguments
         self.signals = signals
+        self.agent = agent
+        self.serving = False
+        """True once every model has answered (READY): from then on a stop may drain first."""
         self.exit_code = EXIT_FAILED
         self.before_start = True
         """True until tritonserver is about to be started: a stop then has nothing to drain and need not wait for
@@ -261,9 +315,12 @@ class Supervisor(threading.Thread):
         server.wait_until_ready()
         logger.info("serving %s from %s; log: %s", ", ".join(server.models), server.options.model_repository,
                     server.log_path or "stderr")
+        self.serving = True
+        if self.agent is not None:
+            self.agent.set(ReplicaState.SERVING)
         print(f"READY {server.url}", flush=True)
         if arguments.watchdog_interval > 0:
-            Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout).run()
+            Watchdog(server, arguments.watchdog_interval, arguments.probe_timeout, agent=self.agent).run()
         else:
             server.wait_for_exit()
         if not server.stop_requested:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from inference_client import triton
 
+from .agent import DrainAgent, ReplicaState
 from .errors import ServerStartError, StopRequestedError
 from .server import TritonServer
 
@@ -64,13 +65,15 @@ class Watchdog:
 
     def __init__(self, server: TritonServer, interval_s: float = DEFAULT_INTERVAL_S,
                  probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
-                 restart_backoff_s: float = RESTART_BACKOFF_S) -> None:
+                 restart_backoff_s: float = RESTART_BACKOFF_S, agent: DrainAgent | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s={interval_s} is invalid: must be a positive number of seconds")
         self.server = server
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
         self.restart_backoff_s = restart_backoff_s
+        self.agent = agent
+        """Told while a restart is under way, so that a proxy sends the replica nothing meanwhile."""
         self.restarts = 0
         self.faults: list[Fault] = []
         self._timeouts: dict[str, int] = {}
@@ -138,6 +141,7 @@ class Watchdog:
     def _recover(self, fault: Fault) -> None:
         """Restart the server, with back-off, until it serves; return early when a stop is requested."""
         self.faults.append(fault)
+        self._tell_agent(ReplicaState.RESTARTING)
         for attempt in range(1, MAX_FAILED_RESTARTS + 1):
             where = f"model {fault.model}" if fault.model else "the server"
             logger.error("watchdog: %s failed (%s); restarting tritonserver (attempt %d of %d)", where,
@@ -161,10 +165,15 @@ class Watchdog:
             with self._restarted:
                 self.restarts += 1
                 self._restarted.notify_all()
+            self._tell_agent(ReplicaState.SERVING)
             logger.info("watchdog: tritonserver is serving again (restart %d)", self.restarts)
             return
         raise WatchdogGaveUpError(f"tritonserver could not be brought back after {MAX_FAILED_RESTARTS} restarts "
                                   f"in a row (first fault: {fault.reason})")
+
+    def _tell_agent(self, state: ReplicaState) -> None:
+        if self.agent is not None:
+            self.agent.set(state)
 
     def _crash(self) -> Fault | None:
         """The fault that needs no probe to be seen: the server process gone, or one of its stubs dead."""
