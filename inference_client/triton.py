@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import queue
+import uuid
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, cast
@@ -94,9 +95,18 @@ def _filled(kind: Any, name: str, array: np.ndarray, **options: Any) -> Any:
     return tensor
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+"""Sent with every seeded request: it gives the same image however often it runs, so a proxy may send it again
+after a replica failed it (the Helm chart's HAProxy retries only requests that carry it). The header and its
+meaning follow the IETF's draft-ietf-httpapi-idempotency-key-header; the value is unique per request."""
+
+
 def infer_http(client: Any, model: str, request: TextToImage, key: str) -> GeneratedImage:
     """One request over HTTP; raises what tritonclient raises (``InferenceServerException``, OSError)."""
-    result = client.infer(model, http_inputs(request), outputs=http_outputs(), headers=http_key_headers(key))
+    headers = http_key_headers(key)
+    if request.seed is not None:
+        headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
+    result = client.infer(model, http_inputs(request), outputs=http_outputs(), headers=headers)
     return read_result(result)
 
 
