@@ -1,0 +1,513 @@
+"""The Helm chart (deploy/helm/triton-diffusers), rendered by Helm's own engine (helm-python-sdk, no cluster and no
+helm binary) for the default values and the GPU production example: lint clean, every manifest valid for
+Kubernetes 1.30, the launcher run as the image runs it, probes that tell the truth, stops that drain, and a
+proxy configuration that Debian's HAProxy 2.6 accepts and that probes with the launcher's own inference."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference_client import contract
+from inference_client.state import INFER_KEY_HEADER
+from triton_launcher import healthcheck
+from triton_launcher.__main__ import ALL_INTERFACES, parse_arguments
+from triton_launcher.paths import PROJECT_ROOT
+from triton_launcher.server import GROUP_EXIT_WAIT_S, STUB_EXIT_GRACE_S
+
+helm_chart = pytest.importorskip("helm_python.chart")  # dev extra only; the torch-free 3.10 check skips this file
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+yaml = pytest.importorskip("yaml")
+
+CHART = PROJECT_ROOT / "deploy" / "helm" / "triton-diffusers"
+PRODUCTION_EXAMPLE = CHART / "examples" / "values-gpu-production.yaml"
+KUBERNETES_VERSION = "1.30.0"
+RELEASE, NAMESPACE = "rel", "ns"
+LAUNCHER = ["python3", "-m", "triton_launcher"]
+HEALTH_CHECK = ["python3", "-m", "triton_launcher.healthcheck"]
+CLIENT_LABEL = {"triton-diffusers/capability-client": "true"}
+HAPROXY = Path("/usr/sbin/haproxy")
+SHM_BYTES_NEEDED = 2 << 30
+"""docker/compose.yaml's shm_size (2gb), which tests/unit/test_deployment.py sizes from the models."""
+QUANTITY_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def dockerfile_entrypoint() -> list[str]:
+    lines = [line for line in (PROJECT_ROOT / "docker" / "Dockerfile").read_text().splitlines()
+             if line.startswith("ENTRYPOINT ")]
+    assert len(lines) == 1, lines
+    entrypoint = json.loads(lines[0].removeprefix("ENTRYPOINT "))
+    assert isinstance(entrypoint, list)
+    return [str(part) for part in entrypoint]
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object the chart renders with ``values``, parsed."""
+    with helm_chart.Chart.load(CHART) as chart:
+        manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    notes = [text for path, text in manifests.items() if path.endswith("/NOTES.txt")]
+    assert len(notes) == 1
+    assert "Server URL" in notes[0], "what `helm install` prints"
+    objects = [document for path, text in manifests.items() if not path.endswith("/NOTES.txt")
+               for document in yaml.safe_load_all(text) if document]
+    assert all(isinstance(item, dict) for item in objects)
+    return objects
+
+
+def production_values() -> dict[str, Any]:
+    values = yaml.safe_load(PRODUCTION_EXAMPLE.read_text())
+    assert isinstance(values, dict)
+    return values
+
+
+VALUE_SETS = {"defaults": dict[str, Any](), "production": production_values()}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def objects(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render(VALUE_SETS[request.param])
+
+
+@pytest.fixture(scope="module")
+def defaults() -> list[dict[str, Any]]:
+    return render({})
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict[str, Any]]:
+    return render(production_values())
+
+
+def only(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = list(of_kind(objects, kind, component))
+    names = [item["metadata"]["name"] for item in found]
+    assert len(found) == 1, f"one {kind} {component or ''} expected, found {names}"
+    return found[0]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> Iterator[dict[str, Any]]:
+    for item in objects:
+        labels = item["metadata"].get("labels", {})
+        if item["kind"] == kind and (component is None or labels.get("app.kubernetes.io/component") == component):
+            yield item
+
+
+def triton_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = only(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def triton_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = triton_pod(objects)["containers"]
+    assert [container["name"] for container in containers] == ["triton"]
+    return dict(containers[0])
+
+
+def launcher_arguments(objects: list[dict[str, Any]]) -> list[str]:
+    """What the pod passes to the launcher: the image's ENTRYPOINT (the chart sets no command), then its args."""
+    container = triton_container(objects)
+    assert "command" not in container, "the image's ENTRYPOINT is the launcher; the chart only adds options"
+    entrypoint = dockerfile_entrypoint()
+    assert entrypoint[:len(LAUNCHER)] == LAUNCHER
+    return [*entrypoint[len(LAUNCHER):], *container["args"]]
+
+
+def environment(container: dict[str, Any]) -> dict[str, Any]:
+    return {variable["name"]: variable.get("value", variable.get("valueFrom")) for variable in container["env"]}
+
+
+def quantity_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", quantity)
+    assert match, quantity
+    return int(match[1]) * QUANTITY_UNITS[match[2]]
+
+
+def volume_of_mount(pod: dict[str, Any], mount_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volumeMount, volume) of the container's mount at ``mount_path``."""
+    mounts = [mount for mount in pod["containers"][0]["volumeMounts"] if mount["mountPath"] == mount_path]
+    assert len(mounts) == 1, f"one mount at {mount_path}"
+    volumes = [volume for volume in pod["volumes"] if volume["name"] == mounts[0]["name"]]
+    assert len(volumes) == 1
+    return mounts[0], volumes[0]
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)", duration)
+    assert match, duration
+    return int(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+# --- the chart as a whole ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_helm_lint_reports_no_errors_or_warnings(value_set: str) -> None:
+    report = helm_chart.lint(CHART, VALUE_SETS[value_set], strict=True, namespace=NAMESPACE,
+                             kube_version=f"v{KUBERNETES_VERSION}")
+    problems = [message for message in report["messages"] if message["severity"] >= 2]
+    assert report["errors"] == [], report
+    assert problems == [], report["messages"]
+
+
+def test_every_manifest_is_valid_for_kubernetes_1_30_and_custom_resources_are_checked_by_hand(
+    objects: list[dict[str, Any]],
+) -> None:
+    custom = []
+    for item in objects:
+        try:
+            kubernetes_validate.validate(item, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            custom.append(item)
+    assert {item["kind"] for item in custom} <= {"ServiceMonitor"}, "only the Prometheus Operator's resource"
+    for monitor in custom:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(monitor["spec"]) == {"selector", "namespaceSelector", "endpoints"}
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+            assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+    kinds = sorted(item["kind"] for item in objects)
+    assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= set(kinds)
+
+
+def test_the_defaults_make_their_own_key_and_cache_and_production_uses_the_operators_secrets(
+    defaults: list[dict[str, Any]], production: list[dict[str, Any]],
+) -> None:
+    secret = only(defaults, "Secret")
+    key = base64.b64decode(secret["data"]["infer-key"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9._~-]{24,512}", key), "a key the launcher's --infer-key-file accepts"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert list(of_kind(production, "Secret")) == [], "the production example brings its own key"
+    production_key = next(volume for volume in triton_pod(production)["volumes"] if volume["name"] == "infer-key")
+    assert production_key["secret"]["secretName"] == production_values()["inferKey"]["existingSecret"]
+    claim = only(production, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "several replicas on several nodes share the cache"
+    assert quantity_bytes(claim["spec"]["resources"]["requests"]["storage"]) > quantity_bytes(
+        only(defaults, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"])
+
+
+# --- the Triton pods -----------------------------------------------------------------------------------------
+
+
+def test_pods_run_the_images_launcher_with_the_shared_key_from_the_mounted_secret(
+    objects: list[dict[str, Any]],
+) -> None:
+    launcher = vars(parse_arguments(launcher_arguments(objects)))
+    # Options spelled in full: argparse would take an abbreviation that a later launcher option makes ambiguous.
+    options = [arg for arg in triton_container(objects)["args"] if arg.startswith("--")]
+    assert all(option[2:].replace("-", "_") in launcher for option in options), options
+    image_defaults = vars(parse_arguments(dockerfile_entrypoint()[len(LAUNCHER):]))
+    assert launcher["listen_address"] == ALL_INTERFACES, "the Services reach the pod's interface, not its loopback"
+    assert str(launcher["log_file"]) == "-", "the log goes to the container's stderr (kubectl logs)"
+    differing = {name for name in launcher if launcher[name] != image_defaults[name]}
+    # The tritonserver flags, the watchdog and the repository stay the image's (and so scripts/serve's).
+    assert differing <= {"infer_key_file", "exit_timeout", "ready_timeout", "http_port"}, differing
+    assert "infer_key_file" in differing
+    key_file = Path(launcher["infer_key_file"])
+    pod = triton_pod(objects)
+    mount, volume = volume_of_mount(pod, str(key_file.parent))
+    assert mount["readOnly"] is True
+    assert volume["secret"]["items"] == [{"key": "infer-key", "path": key_file.name}]
+    ports = {port["name"]: port["containerPort"] for port in triton_container(objects)["ports"]}
+    assert ports == {"http": launcher["http_port"], "grpc": launcher["http_port"] + 1,
+                     "metrics": launcher["http_port"] + 2}
+
+
+def test_a_model_repository_volume_replaces_the_baked_in_one(defaults: list[dict[str, Any]], tmp_path: Path) -> None:
+    assert parse_arguments(launcher_arguments(defaults)).model_repository is None, "the image's own repository"
+    claim = {"persistentVolumeClaim": {"claimName": "models"}}
+    # The launcher's parser wants the directory to exist: a stand-in for the mount point here.
+    objects = render({"triton": {"modelRepository": {"volume": claim, "mountPath": str(tmp_path)}}})
+    repository = parse_arguments(launcher_arguments(objects)).model_repository
+    mount, volume = volume_of_mount(triton_pod(objects), str(repository))
+    assert mount["readOnly"] is True
+    assert volume["persistentVolumeClaim"] == claim["persistentVolumeClaim"]
+
+
+def test_gpus_weights_state_and_token_are_where_the_image_expects_them(objects: list[dict[str, Any]]) -> None:
+    pod = triton_pod(objects)
+    container = triton_container(objects)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    env = environment(container)
+    _, cache = volume_of_mount(pod, env["HF_HOME"])
+    assert env["HF_HOME"] == "/models/hf-cache"  # docker/Dockerfile's HF_HOME
+    claims = {claim["metadata"]["name"] for claim in of_kind(objects, "PersistentVolumeClaim")}
+    assert cache["persistentVolumeClaim"]["claimName"] in claims
+    # The state dir is a subdirectory of an emptyDir: the launcher makes it 0700 for itself, while the
+    # emptyDir's own root belongs to root with mode 0777, which the launcher rightly refuses to trust.
+    state = Path(env["TRITON_DIFFUSERS_STATE"])
+    _, state_volume = volume_of_mount(pod, str(state.parent))
+    assert str(state.parent) == "/var/lib/triton-diffusers"
+    assert state_volume["emptyDir"] == {}
+    token = env.get("HF_TOKEN")
+    if token is not None:
+        assert set(token) == {"secretKeyRef"}, "the token comes from a Secret, never from the values"
+
+
+def test_shared_memory_is_a_memory_backed_emptydir_as_large_as_composes(objects: list[dict[str, Any]]) -> None:
+    _, shm = volume_of_mount(triton_pod(objects), "/dev/shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert quantity_bytes(shm["emptyDir"]["sizeLimit"]) >= SHM_BYTES_NEEDED
+
+
+def test_probes_tell_the_truth_and_nothing_kills_a_busy_pod(objects: list[dict[str, Any]]) -> None:
+    container = triton_container(objects)
+    launcher = parse_arguments(launcher_arguments(objects))
+    assert "livenessProbe" not in container, "the launcher's watchdog restarts a faulty server; a busy one is alive"
+    for name in ("startupProbe", "readinessProbe"):
+        probe = container[name]
+        command = probe["exec"]["command"]
+        assert command[:len(HEALTH_CHECK)] == HEALTH_CHECK, f"{name}: a real inference on every model"
+        check = healthcheck.parse_arguments(command[len(HEALTH_CHECK):])
+        assert probe["timeoutSeconds"] > check.timeout, f"{name}: the kubelet must not cut the check short"
+    startup = container["startupProbe"]
+    # The launcher's own time-out (which logs why) must come before the kubelet gives up on the pod.
+    assert startup["periodSeconds"] * startup["failureThreshold"] > launcher.ready_timeout
+    assert startup["periodSeconds"] * startup["failureThreshold"] <= launcher.ready_timeout + 600
+
+
+def test_a_stop_lets_generations_in_flight_finish_before_the_kubelet_kills(objects: list[dict[str, Any]]) -> None:
+    pod = triton_pod(objects)
+    launcher = parse_arguments(launcher_arguments(objects))
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    pre_stop_s = int(pre_stop[1])
+    assert pre_stop_s >= 5, "endpoints, the cluster DNS (5 s TTL) and the proxy's resolver need time to forget the pod"
+    # The grace period counts from the preStop hook's start: the hook, then the launcher's orderly stop (requests
+    # in flight, the stubs' exit, the group gone), all before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] > (pre_stop_s + launcher.exit_timeout + STUB_EXIT_GRACE_S
+                                                    + GROUP_EXIT_WAIT_S)
+
+
+def test_updates_and_disruptions_never_take_the_last_serving_replica(objects: list[dict[str, Any]]) -> None:
+    deployment = only(objects, "Deployment", "triton")
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] >= 1
+    budget = only(objects, "PodDisruptionBudget", "triton")
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"].get("maxUnavailable") == 1 or budget["spec"].get("minAvailable") == 1
+
+
+def test_pods_run_unprivileged_on_a_read_only_root(objects: list[dict[str, Any]]) -> None:
+    for component, user in (("triton", 1000), ("proxy", 99)):
+        pod = only(objects, "Deployment", component)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == user  # the image's own user (triton: docker/Dockerfile)
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["readOnlyRootFilesystem"] is True
+    pod = triton_pod(objects)
+    writable = {mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"] if not mount.get("readOnly")}
+    assert writable == {"/tmp", "/dev/shm", "/var/lib/triton-diffusers", "/models/hf-cache"}
+    env = environment(pod["containers"][0])
+    assert all(env[name].startswith("/tmp/") for name in ("XDG_CACHE_HOME", "CUDA_CACHE_PATH"))
+
+
+# --- the network, metrics and autoscaling --------------------------------------------------------------------
+
+
+def test_only_capability_clients_and_the_proxy_reach_triton_and_metrics_only_from_monitoring(
+    objects: list[dict[str, Any]],
+) -> None:
+    policy = only(objects, "NetworkPolicy", "triton")
+    triton_labels = only(objects, "Deployment", "triton")["spec"]["selector"]["matchLabels"]
+    proxy_labels = only(objects, "Deployment", "proxy")["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == triton_labels
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {("grpc", "http"), ("metrics",)}, "nothing else is open"
+    api_peers = rules[("grpc", "http")]
+    assert {"podSelector": {"matchLabels": CLIENT_LABEL}} in api_peers
+    assert {"podSelector": {"matchLabels": proxy_labels}} in api_peers
+    for peer in api_peers:  # a peer in another namespace must still be a labelled client
+        assert peer["podSelector"]["matchLabels"] in (CLIENT_LABEL, proxy_labels)
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert rules[("metrics",)] == [monitoring]
+    proxy_policy = only(objects, "NetworkPolicy", "proxy")
+    assert proxy_policy["spec"]["podSelector"]["matchLabels"] == proxy_labels
+    proxy_rules = {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"]
+                   for rule in proxy_policy["spec"]["ingress"]}
+    assert set(proxy_rules) == {("grpc", "http"), ("stats",)}
+    assert all(peer["podSelector"]["matchLabels"] == CLIENT_LABEL for peer in proxy_rules[("grpc", "http")])
+
+
+def test_services_expose_http_grpc_and_metrics_and_a_headless_one_lists_ready_replicas(
+    objects: list[dict[str, Any]],
+) -> None:
+    triton_labels = only(objects, "Deployment", "triton")["spec"]["selector"]["matchLabels"]
+    service = only(objects, "Service", "triton")
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert {name: port["port"] for name, port in ports.items()} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    headless = only(objects, "Service", "triton-replicas")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is False
+    assert service["spec"]["selector"] == headless["spec"]["selector"] == triton_labels
+    monitor = only(objects, "ServiceMonitor", "triton")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= headless["metadata"]["labels"].items(), \
+        "each replica scraped once, through one Service"
+    assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_production_autoscales_on_queue_time_and_scales_down_slower_than_a_model_load(
+    defaults: list[dict[str, Any]], production: list[dict[str, Any]],
+) -> None:
+    assert list(of_kind(defaults, "HorizontalPodAutoscaler")) == [], "the defaults need no Prometheus adapter"
+    assert "replicas" in only(defaults, "Deployment", "triton")["spec"]
+    scaler = only(production, "HorizontalPodAutoscaler")
+    deployment = only(production, "Deployment", "triton")
+    assert "replicas" not in deployment["spec"], "an upgrade must not reset what the autoscaler chose"
+    assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                "name": deployment["metadata"]["name"]}
+    assert 2 <= scaler["spec"]["minReplicas"] < scaler["spec"]["maxReplicas"] <= 8
+    [metric] = scaler["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "triton_queue_time_per_request_us"
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    launcher = parse_arguments(launcher_arguments(production))
+    behavior = scaler["spec"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > launcher.ready_timeout
+    assert all(policy["type"] == "Pods" and policy["value"] == 1 for policy in behavior["scaleUp"]["policies"])
+    # The rule that defines the metric ships in the chart's README, over Triton's own counters.
+    readme = (CHART / "README.md").read_text()
+    assert "triton_queue_time_per_request_us" in readme
+    assert "nv_inference_queue_duration_us" in readme
+    assert "nv_inference_request_success" in readme
+
+
+def test_production_schedules_on_gpu_nodes(production: list[dict[str, Any]]) -> None:
+    pod = triton_pod(production)
+    assert pod["nodeSelector"]
+    assert any(toleration["key"] == "nvidia.com/gpu" for toleration in pod["tolerations"])
+    assert environment(pod["containers"][0])["HF_TOKEN"] == {
+        "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+
+
+# --- the proxy -----------------------------------------------------------------------------------------------
+
+
+def haproxy_config(objects: list[dict[str, Any]]) -> str:
+    config = only(objects, "ConfigMap", "proxy")["data"]["haproxy.cfg"]
+    assert isinstance(config, str)
+    return config
+
+
+def config_lines(config: str, section: str) -> list[str]:
+    """The directives of one section (``backend triton-http``), comments left out."""
+    lines: list[str] = []
+    inside = False
+    for line in config.splitlines():
+        if line and not line[0].isspace():
+            inside = line.strip() == section
+            continue
+        if inside and line.strip() and not line.strip().startswith("#"):
+            lines.append(line.strip())
+    assert lines, f"no section {section!r}"
+    return lines
+
+
+def test_proxy_health_check_is_the_launchers_probe_inference_with_the_key(defaults: list[dict[str, Any]]) -> None:
+    pytest.importorskip("tritonclient")
+    from tritonclient.utils import np_to_triton_dtype
+
+    probe = contract.TextToImage("readiness probe", width=64, height=64, num_inference_steps=1, seed=0).arrays()
+    for backend in ("triton-http", "triton-grpc"):
+        [send] = [line for line in config_lines(haproxy_config(defaults), f"backend {backend}")
+                  if line.startswith("http-check send ")]
+        words = shlex.split(send)
+        headers = {words[index + 1].lower(): words[index + 2] for index, word in enumerate(words) if word == "hdr"}
+        assert words[words.index("meth") + 1] == "POST"
+        assert words[words.index("uri") + 1] == "/v2/models/sd15/infer"
+        assert headers[INFER_KEY_HEADER] == "${TRITON_INFER_KEY}"
+        assert headers["content-type"] == "application/json"
+        body = json.loads(words[words.index("body") + 1])
+        inputs = {tensor["name"]: tensor for tensor in body["inputs"]}
+        assert set(inputs) == set(probe)
+        for name, array in probe.items():
+            assert inputs[name]["shape"] == list(array.shape), name
+            assert inputs[name]["datatype"] == np_to_triton_dtype(array.dtype), name
+            expected = [item.decode() if isinstance(item, bytes) else item for item in array.reshape(-1).tolist()]
+            assert inputs[name]["data"] == expected, name
+        assert [output["name"] for output in body["outputs"]] == [contract.IMAGE]
+        assert "http-check expect status 200" in config_lines(haproxy_config(defaults), f"backend {backend}")
+
+
+def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[dict[str, Any]]) -> None:
+    config = haproxy_config(defaults)
+    http = config_lines(config, "backend triton-http")
+    grpc = config_lines(config, "backend triton-grpc")
+    assert "balance leastconn" in http
+    assert "balance leastconn" in grpc
+    assert "retry-on conn-failure empty-response response-timeout 503" in http
+    assert "http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }" in http
+    assert "retry-on conn-failure" in grpc, "a gRPC stream that reached a replica is never replayed"
+    assert "option redispatch" in config_lines(config, "defaults")
+    assert any(line.startswith("bind :8001 proto h2") for line in config_lines(config, "frontend triton-grpc"))
+    # Discovered from the headless Service through the cluster DNS, a slot for every replica a rollout may have.
+    headless = only(defaults, "Service", "triton-replicas")["metadata"]["name"]
+    [template] = [line for line in grpc if line.startswith("server-template ")]
+    assert f"{headless}.{NAMESPACE}.svc.cluster.local:8001" in template
+    assert " proto h2 port 8000 " in template
+    assert "check-proto h1" in next(line for line in grpc if line.startswith("default-server "))
+    assert template.split()[2] == "1-2", "one replica and the rollout's surge"
+    proxy = only(defaults, "Deployment", "proxy")["spec"]["template"]
+    env = environment(proxy["spec"]["containers"][0])
+    key_secret = next(volume for volume in triton_pod(defaults)["volumes"] if volume["name"] == "infer-key")
+    assert env["TRITON_INFER_KEY"] == {"secretKeyRef": {"name": key_secret["secret"]["secretName"],
+                                                        "key": "infer-key"}}
+    assert "checksum/haproxy-cfg" in proxy["metadata"]["annotations"]
+
+
+STATIC_PROXY = {"proxy": {"staticServers": ["127.0.0.1:18000", "127.0.0.1:19000"], "bindAddress": "127.0.0.1",
+                          "ports": {"http": 28000, "grpc": 28001, "stats": 28404},
+                          "healthCheckModel": "tiny-sd15"}}
+
+
+def test_static_servers_replace_discovery_for_a_local_proxy() -> None:
+    config = haproxy_config(render(STATIC_PROXY))
+    assert "resolvers" not in config
+    assert config_lines(config, "frontend triton-http")[0] == "bind 127.0.0.1:28000"
+    servers = [line for line in config_lines(config, "backend triton-grpc") if line.startswith("server ")]
+    assert servers == ["server triton1 127.0.0.1:18001 proto h2 port 18000",
+                       "server triton2 127.0.0.1:19001 proto h2 port 19000"]
+    assert [line for line in config_lines(config, "backend triton-http") if line.startswith("server ")] == [
+        "server triton1 127.0.0.1:18000", "server triton2 127.0.0.1:19000"]
+    assert "/v2/models/tiny-sd15/infer" in config
+
+
+@pytest.mark.skipif(not HAPROXY.exists(), reason="Debian's haproxy is not installed")
+@pytest.mark.parametrize("values", [STATIC_PROXY, {}], ids=["static-servers", "cluster-dns"])
+def test_rendered_haproxy_config_is_valid_for_haproxy_2_6(values: dict[str, Any], tmp_path: Path) -> None:
+    config_file = tmp_path / "haproxy.cfg"
+    config_file.write_text(haproxy_config(render(values)))
+    checked = subprocess.run([str(HAPROXY), "-c", "-f", str(config_file)], capture_output=True, text=True,
+                             env={**os.environ, "TRITON_INFER_KEY": "k" * 32}, timeout=30, check=False)
+    report = checked.stdout + checked.stderr
+    assert checked.returncode == 0, report
+    assert "[WARNING]" not in report, report
+    assert "[ALERT]" not in report, report
+
+
+def test_proxy_drains_longer_than_its_server_timeout_allows(objects: list[dict[str, Any]]) -> None:
+    config = haproxy_config(objects)
+    hard_stop = next(line for line in config_lines(config, "global") if line.startswith("hard-stop-after "))
+    server_timeout = next(line for line in config_lines(config, "defaults") if line.startswith("timeout server "))
+    pod = only(objects, "Deployment", "proxy")["spec"]["template"]["spec"]
+    pre_stop_s = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert seconds(hard_stop.split()[1]) >= seconds(server_timeout.split()[2])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + seconds(hard_stop.split()[1])
