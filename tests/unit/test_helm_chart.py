@@ -211,7 +211,8 @@ def test_pods_run_the_images_launcher_with_the_shared_key_from_the_mounted_secre
     assert str(launcher["log_file"]) == "-", "the log goes to the container's stderr (kubectl logs)"
     differing = {name for name in launcher if launcher[name] != image_defaults[name]}
     # The tritonserver flags, the watchdog and the repository stay the image's (and so scripts/serve's).
-    assert differing <= {"infer_key_file", "exit_timeout", "ready_timeout", "http_port"}, differing
+    assert differing <= {"infer_key_file", "exit_timeout", "ready_timeout", "http_port", "agent_port",
+                         "drain_seconds"}, differing
     assert "infer_key_file" in differing
     key_file = Path(launcher["infer_key_file"])
     pod = triton_pod(objects)
@@ -220,7 +221,7 @@ def test_pods_run_the_images_launcher_with_the_shared_key_from_the_mounted_secre
     assert volume["secret"]["items"] == [{"key": "infer-key", "path": key_file.name}]
     ports = {port["name"]: port["containerPort"] for port in triton_container(objects)["ports"]}
     assert ports == {"http": launcher["http_port"], "grpc": launcher["http_port"] + 1,
-                     "metrics": launcher["http_port"] + 2}
+                     "metrics": launcher["http_port"] + 2, "agent": launcher["agent_port"]}
 
 
 def test_a_model_repository_volume_replaces_the_baked_in_one(defaults: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -279,14 +280,17 @@ def test_probes_tell_the_truth_and_nothing_kills_a_busy_pod(objects: list[dict[s
 def test_a_stop_lets_generations_in_flight_finish_before_the_kubelet_kills(objects: list[dict[str, Any]]) -> None:
     pod = triton_pod(objects)
     launcher = parse_arguments(launcher_arguments(objects))
-    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    pre_stop_s = int(pre_stop[1])
-    assert pre_stop_s >= 5, "endpoints, the cluster DNS (5 s TTL) and the proxy's resolver need time to forget the pod"
-    # The grace period counts from the preStop hook's start: the hook, then the launcher's orderly stop (requests
-    # in flight, the stubs' exit, the group gone), all before SIGKILL.
-    assert pod["terminationGracePeriodSeconds"] > (pre_stop_s + launcher.exit_timeout + STUB_EXIT_GRACE_S
-                                                    + GROUP_EXIT_WAIT_S)
+    container = pod["containers"][0]
+    # The launcher drains by itself (its agent says "drain" to the proxy while it serves on); no preStop hook
+    # delays the SIGTERM that starts it.
+    assert "preStop" not in container.get("lifecycle", {})
+    assert launcher.drain_seconds >= 5, "endpoints, the cluster DNS (5 s TTL) and the proxy need time to forget it"
+    assert launcher.agent_port == launcher.http_port + 3
+    assert {"name": "agent", "containerPort": launcher.agent_port, "protocol": "TCP"} in container["ports"]
+    # The grace period counts from SIGTERM: the drain, then the launcher's orderly stop (requests in flight, the
+    # stubs' exit, the group gone), all before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] > (launcher.drain_seconds + launcher.exit_timeout
+                                                    + STUB_EXIT_GRACE_S + GROUP_EXIT_WAIT_S)
 
 
 def test_updates_and_disruptions_never_take_the_last_serving_replica(objects: list[dict[str, Any]]) -> None:
@@ -329,12 +333,13 @@ def test_only_capability_clients_and_the_proxy_reach_triton_and_metrics_only_fro
     assert policy["spec"]["podSelector"]["matchLabels"] == triton_labels
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"] for rule in policy["spec"]["ingress"]}
-    assert set(rules) == {("grpc", "http"), ("metrics",)}, "nothing else is open"
+    assert set(rules) == {("grpc", "http"), ("agent",), ("metrics",)}, "nothing else is open"
     api_peers = rules[("grpc", "http")]
     assert {"podSelector": {"matchLabels": CLIENT_LABEL}} in api_peers
     assert {"podSelector": {"matchLabels": proxy_labels}} in api_peers
     for peer in api_peers:  # a peer in another namespace must still be a labelled client
         assert peer["podSelector"]["matchLabels"] in (CLIENT_LABEL, proxy_labels)
+    assert rules[("agent",)] == [{"podSelector": {"matchLabels": proxy_labels}}], "the agent answers the proxy alone"
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert rules[("metrics",)] == [monitoring]
     proxy_policy = only(objects, "NetworkPolicy", "proxy")
@@ -465,6 +470,10 @@ def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[di
     assert " proto h2 port 8000 " in template
     assert "check-proto h1" in next(line for line in grpc if line.startswith("default-server "))
     assert template.split()[2] == "1-2", "one replica and the rollout's surge"
+    # Every replica's own word on whether it is ready, draining or down: the launcher's agent, HTTP port + 3.
+    for backend in (http, grpc):
+        default_server = next(line for line in backend if line.startswith("default-server "))
+        assert " agent-check agent-port 8003 agent-inter 1s " in default_server
     proxy = only(defaults, "Deployment", "proxy")["spec"]["template"]
     env = environment(proxy["spec"]["containers"][0])
     key_secret = next(volume for volume in triton_pod(defaults)["volumes"] if volume["name"] == "infer-key")
@@ -483,10 +492,10 @@ def test_static_servers_replace_discovery_for_a_local_proxy() -> None:
     assert "resolvers" not in config
     assert config_lines(config, "frontend triton-http")[0] == "bind 127.0.0.1:28000"
     servers = [line for line in config_lines(config, "backend triton-grpc") if line.startswith("server ")]
-    assert servers == ["server triton1 127.0.0.1:18001 proto h2 port 18000",
-                       "server triton2 127.0.0.1:19001 proto h2 port 19000"]
+    assert servers == ["server triton1 127.0.0.1:18001 proto h2 port 18000 agent-port 18003",
+                       "server triton2 127.0.0.1:19001 proto h2 port 19000 agent-port 19003"]
     assert [line for line in config_lines(config, "backend triton-http") if line.startswith("server ")] == [
-        "server triton1 127.0.0.1:18000", "server triton2 127.0.0.1:19000"]
+        "server triton1 127.0.0.1:18000 agent-port 18003", "server triton2 127.0.0.1:19000 agent-port 19003"]
     assert "/v2/models/tiny-sd15/infer" in config
 
 

@@ -10,6 +10,7 @@ inference. Rendered into the proxy's ConfigMap; the multi-replica test renders i
 {{- $bind := $proxy.bindAddress }}
 {{- $check := $proxy.healthCheck }}
 {{- $model := $proxy.healthCheckModel }}
+{{- $agent := printf "agent-check agent-port %s agent-inter %s" (include "triton-diffusers.agentPort" .) $check.agentInterval }}
 {{- $replicas := printf "%s.%s.svc.%s" (include "triton-diffusers.replicas" .) .Release.Namespace .Values.clusterDomain }}
 {{- /* The launcher's start-up probe as a KServe v2 JSON request (inference_client.triton.probe_inference): a
        64x64 image in one step, seed 0; the image comes back as binary data, not as 12288 JSON numbers. */}}
@@ -89,11 +90,13 @@ backend triton-http
     # (503: Triton's queue was full and nothing was computed). Anything else could run a generation twice.
     retry-on conn-failure empty-response response-timeout 503
     http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }
-    default-server check inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
+    # The replica's own word (the launcher's agent) takes it out of rotation at once when it drains, restarts
+    # or stops; the inference check stays the judge of whether it works.
+    default-server check {{ $agent }} inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
 {{- if $proxy.staticServers }}
 {{- range $index, $server := $proxy.staticServers }}
 {{- $parts := splitList ":" $server }}
-    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ index $parts 1 }}
+    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ index $parts 1 }} agent-port {{ add (index $parts 1 | int) 3 }}
 {{- end }}
 {{- else }}
     server-template triton 1-{{ include "triton-diffusers.serverSlots" . }} {{ $replicas }}:{{ $httpPort }} resolvers cluster-dns resolve-prefer ipv4 init-addr none
@@ -107,12 +110,12 @@ backend triton-grpc
     http-check expect status 200
     # A stream that reached a replica is never replayed: only a request that could not connect is retried.
     retry-on conn-failure
-    default-server check check-proto h1 inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
+    default-server check check-proto h1 {{ $agent }} inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
 {{- if $proxy.staticServers }}
 {{- range $index, $server := $proxy.staticServers }}
 {{- $parts := splitList ":" $server }}
 {{- $serverHttpPort := index $parts 1 | int }}
-    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ add $serverHttpPort 1 }} proto h2 port {{ $serverHttpPort }}
+    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ add $serverHttpPort 1 }} proto h2 port {{ $serverHttpPort }} agent-port {{ add $serverHttpPort 3 }}
 {{- end }}
 {{- else }}
     server-template triton 1-{{ include "triton-diffusers.serverSlots" . }} {{ $replicas }}:{{ add $httpPort 1 }} proto h2 port {{ $httpPort }} resolvers cluster-dns resolve-prefer ipv4 init-addr none

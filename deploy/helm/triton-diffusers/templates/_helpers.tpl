@@ -66,6 +66,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "triton-diffusers.metricsPort" -}}
 {{- add .Values.triton.launcher.httpPort 2 }}
 {{- end }}
+{{/* The launcher's load-balancer agent (--agent-port), which the proxy asks whether a replica is ready,
+     draining or down: the chart's rule, HTTP port + 3 (a static server's too). */}}
+{{- define "triton-diffusers.agentPort" -}}
+{{- add .Values.triton.launcher.httpPort 3 }}
+{{- end }}
 
 {{/* Replica count the proxy must have a server slot for: the most replicas that can exist during a rollout. */}}
 {{- define "triton-diffusers.serverSlots" -}}
