@@ -50,22 +50,24 @@ bootstrap() {
 from triton_launcher.installation import unpack_server_wheel
 unpack_server_wheel(next(pathlib.Path(sys.argv[1]).glob("*.whl")))' "$download"
   rm -rf "$download"
-  _ensure_postgresql
+  _ensure_system_packages
   echo "$wanted" > "$STAMP"
   _log "done"
 }
 
 
-_ensure_postgresql() {
-  # The tests start a throwaway PostgreSQL server of their own (tests/postgres.py) from Debian's package.
-  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; then
-    return 0
-  fi
+_ensure_system_packages() {
+  # Real services the tests start themselves, from Debian's packages: a throwaway PostgreSQL server
+  # (workbench/postgres.py) and HAProxy in front of Triton replicas (workbench/haproxy.py).
+  local missing=()
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+  command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
+  ((${#missing[@]})) || return 0
   if [[ $(id -u) == 0 ]]; then
-    _log "installing Debian's postgresql (the tests run the PostgreSQL store against a real server)"
-    { apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; } >&2
+    _log "installing Debian's ${missing[*]} (the tests run them for real)"
+    { apt-get install -y -q "${missing[@]}" || { apt-get update -q && apt-get install -y -q "${missing[@]}"; }; } >&2
   else
-    _log "no PostgreSQL server binaries: the PostgreSQL store's tests need them (sudo apt-get install postgresql)"
+    _log "missing ${missing[*]}: the tests of the PostgreSQL store and of the proxy need them (sudo apt-get install ${missing[*]})"
   fi
 }
 

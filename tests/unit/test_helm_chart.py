@@ -458,6 +458,7 @@ def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[di
     grpc = config_lines(config, "backend triton-grpc")
     assert "balance leastconn" in http
     assert "balance leastconn" in grpc
+    assert "option http-server-close" in http, "no idle connection holds a replica's stop up"
     assert "retry-on conn-failure empty-response response-timeout 503" in http
     assert "http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }" in http
     assert "retry-on conn-failure" in grpc, "a gRPC stream that reached a replica is never replayed"
@@ -467,8 +468,7 @@ def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[di
     headless = only(defaults, "Service", "triton-replicas")["metadata"]["name"]
     [template] = [line for line in grpc if line.startswith("server-template ")]
     assert f"{headless}.{NAMESPACE}.svc.cluster.local:8001" in template
-    assert " proto h2 port 8000 " in template
-    assert "check-proto h1" in next(line for line in grpc if line.startswith("default-server "))
+    assert " proto h2 check-proto h1 port 8000 " in template
     assert template.split()[2] == "1-2", "one replica and the rollout's surge"
     # Every replica's own word on whether it is ready, draining or down: the launcher's agent, HTTP port + 3.
     for backend in (http, grpc):
@@ -492,8 +492,8 @@ def test_static_servers_replace_discovery_for_a_local_proxy() -> None:
     assert "resolvers" not in config
     assert config_lines(config, "frontend triton-http")[0] == "bind 127.0.0.1:28000"
     servers = [line for line in config_lines(config, "backend triton-grpc") if line.startswith("server ")]
-    assert servers == ["server triton1 127.0.0.1:18001 proto h2 port 18000 agent-port 18003",
-                       "server triton2 127.0.0.1:19001 proto h2 port 19000 agent-port 19003"]
+    assert servers == ["server triton1 127.0.0.1:18001 proto h2 check-proto h1 port 18000 agent-port 18003",
+                       "server triton2 127.0.0.1:19001 proto h2 check-proto h1 port 19000 agent-port 19003"]
     assert [line for line in config_lines(config, "backend triton-http") if line.startswith("server ")] == [
         "server triton1 127.0.0.1:18000 agent-port 18003", "server triton2 127.0.0.1:19000 agent-port 19003"]
     assert "/v2/models/tiny-sd15/infer" in config

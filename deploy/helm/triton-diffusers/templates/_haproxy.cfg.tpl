@@ -81,6 +81,11 @@ frontend stats
 backend triton-http
     # Least outstanding requests: HAProxy counts the requests each replica is serving now.
     balance leastconn
+    # One connection to the replica per request, closed after the response: tritonserver's stop waits for
+    # every open HTTP connection, not only for requests (2.51: "Found 1 HTTP service connections" until its exit
+    # timeout), so an idle keep-alive connection kept by the proxy would make every drain run into the exit
+    # timeout and cut what is still in flight. Clients keep their keep-alive connections to the proxy.
+    option http-server-close
     # Healthy means a real inference answered: Triton's readiness stays 200 while a model's stub is dead.
     option httpchk
     http-check send meth POST uri /v2/models/{{ $model }}/infer ver HTTP/1.1 hdr Host triton hdr Content-Type application/json hdr infer-key "${TRITON_INFER_KEY}" body '{{ $probeBody }}'
@@ -104,20 +109,22 @@ backend triton-http
 
 backend triton-grpc
     balance leastconn
-    # The same check on the replica's HTTP port, over HTTP/1.1 (the servers themselves speak HTTP/2).
+    # The same check on the replica's HTTP port, over HTTP/1.1 (the servers themselves speak HTTP/2). check-proto
+    # must be on the server lines: HAProxy 2.6 does not take it from default-server for a server with its own
+    # proto (checked against a live tritonserver: the check then speaks HTTP/2 to the HTTP port, and times out).
     option httpchk
     http-check send meth POST uri /v2/models/{{ $model }}/infer ver HTTP/1.1 hdr Host triton hdr Content-Type application/json hdr infer-key "${TRITON_INFER_KEY}" body '{{ $probeBody }}'
     http-check expect status 200
     # A stream that reached a replica is never replayed: only a request that could not connect is retried.
     retry-on conn-failure
-    default-server check check-proto h1 {{ $agent }} inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
+    default-server check {{ $agent }} inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
 {{- if $proxy.staticServers }}
 {{- range $index, $server := $proxy.staticServers }}
 {{- $parts := splitList ":" $server }}
 {{- $serverHttpPort := index $parts 1 | int }}
-    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ add $serverHttpPort 1 }} proto h2 port {{ $serverHttpPort }} agent-port {{ add $serverHttpPort 3 }}
+    server triton{{ add $index 1 }} {{ index $parts 0 }}:{{ add $serverHttpPort 1 }} proto h2 check-proto h1 port {{ $serverHttpPort }} agent-port {{ add $serverHttpPort 3 }}
 {{- end }}
 {{- else }}
-    server-template triton 1-{{ include "triton-diffusers.serverSlots" . }} {{ $replicas }}:{{ add $httpPort 1 }} proto h2 port {{ $httpPort }} resolvers cluster-dns resolve-prefer ipv4 init-addr none
+    server-template triton 1-{{ include "triton-diffusers.serverSlots" . }} {{ $replicas }}:{{ add $httpPort 1 }} proto h2 check-proto h1 port {{ $httpPort }} resolvers cluster-dns resolve-prefer ipv4 init-addr none
 {{- end }}
 {{- end }}
