@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stores", action="store_true",
                         help="what each capability store (SQLite, PostgreSQL) adds to a generation, and slot "
                              "turnover under 16 processes (bench/stores.json)")
+    parser.add_argument("--replicas", action="store_true",
+                        help="two replicas behind the Helm chart's HAProxy: the proxy's added latency, the spread, "
+                             "a drain and a kill under load (bench/replicas.json)")
     parser.add_argument("--iterations", type=int, default=10, help="with --png: timed encodes per image")
     parser.add_argument("--report", action="store_true",
                         help="print the tables of bench/results.json (with knobs and perf_analyzer) and exit")
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from .store_bench import main as store_bench
 
         return store_bench([])
+    if arguments.replicas:
+        from .replica_bench import main as replica_bench
+
+        return replica_bench([])
     if arguments.knobs:
         from .knobs import knob_sweep
 
