@@ -220,7 +220,9 @@ class TritonGateway:
         )
 
     def generate(self, triton_model: str, request: contract.TextToImage) -> contract.GeneratedImage:
-        return self._call(lambda client, key: triton.infer_http(client, triton_model, request, key))
+        # Not kept alive: an application host outlives many server stops, and an idle connection of its own would
+        # hold each of them up until tritonserver's exit timeout (triton.CLOSE_CONNECTION).
+        return self._call(lambda client, key: triton.infer_http(client, triton_model, request, key, keep_alive=False))
 
     def generate_streaming(self, triton_model: str, request: contract.TextToImage,
                            on_progress: Callable[[Progress], None] | None,
@@ -279,7 +281,7 @@ class TritonGateway:
 
     def _fetch_models(self) -> ServedModels:
         def fetch(client: Any, key: str) -> tuple[dict[str, str], dict[str, str]]:
-            headers = http_key_headers(key)
+            headers = {**http_key_headers(key), **triton.CLOSE_CONNECTION}
             served: dict[str, str] = {}
             streaming: dict[str, str] = {}
             for entry in client.get_model_repository_index(headers=headers):

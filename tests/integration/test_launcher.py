@@ -147,3 +147,28 @@ def test_an_operator_key_from_a_file_opens_the_server_and_survives_the_watchdogs
         with server.http_client(timeout_s=120) as client:
             after = triton.infer_http(client, "tiny-sd15", request, operator_key)
         assert np.array_equal(before.image, after.image)
+
+
+def test_an_application_hosts_connections_never_hold_a_servers_stop_up(tmp_path: Path) -> None:
+    """tritonserver's stop waits for every open HTTP connection until its exit timeout, then exits as if requests
+    had been cut; the capability layer, which outlives servers, keeps none open between its requests."""
+    from capability import CapabilityLayer
+    from capability.servers import ServerKeys
+
+    repository = build_tiny_repository(tmp_path / "repository", families=("sd15",), streaming=())
+    server = TritonServer(replace(tiny_server_options(repository, tmp_path / "state"), exit_timeout_s=60))
+    server.start()
+    try:
+        server.wait_until_ready()
+        host = tmp_path / "host"
+        host.mkdir(mode=0o700)
+        with CapabilityLayer(host) as layer:
+            ServerKeys(layer.store, None).register(server.url, tmp_path / "state" / INFER_KEY_FILE)
+            authority = layer.create_authority("ops")
+            handle = layer.mint("ops", authority.id, {"server_url": server.url, "default_model": "tiny-sd15"})
+            image = handle.text_to_image("a red cube", {"width": 64, "height": 64, "numInferenceSteps": 1})
+            assert image["width"] == 64
+            # The layer stays up, as an application host does, while the server stops.
+            assert server.stop(), "stopped in order, not cut at the exit timeout"
+    finally:
+        server.stop()

@@ -462,7 +462,7 @@ def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[di
     assert "retry-on conn-failure empty-response response-timeout 503" in http
     assert "http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }" in http
     assert "retry-on conn-failure" in grpc, "a gRPC stream that reached a replica is never replayed"
-    assert "option redispatch" in config_lines(config, "defaults")
+    assert "option redispatch 1" in config_lines(config, "defaults"), "every retry on another replica"
     assert any(line.startswith("bind :8001 proto h2") for line in config_lines(config, "frontend triton-grpc"))
     # Discovered from the headless Service through the cluster DNS, a slot for every replica a rollout may have.
     headless = only(defaults, "Service", "triton-replicas")["metadata"]["name"]

@@ -39,8 +39,9 @@ defaults
     timeout http-request {{ $proxy.timeouts.httpRequest }}
     timeout http-keep-alive {{ $proxy.timeouts.httpKeepAlive }}
     timeout check {{ $check.timeout }}
-    # A request whose replica failed goes to another one when it is retried.
-    option redispatch
+    # A retried request goes to another replica every time (1: on every retry; HAProxy's default, -1, retries the
+    # same replica until the last attempt): the one that failed it has most likely died or is stopping.
+    option redispatch 1
     retries {{ $proxy.retries }}
 {{- if not $proxy.staticServers }}
 
