@@ -59,12 +59,17 @@ def read_infer_key_file(path: Path) -> str:
     """The inference key in ``path``: a file an operator provides (a mounted Kubernetes Secret, say) or the one
     the launcher writes. Surrounding whitespace (a final newline) is not part of the key."""
     try:
+        mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise InferKeyFileError(f"inference key file {path} cannot be read: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise InferKeyFileError(f"inference key file {path} is not UTF-8 text; the key must be {INFER_KEY_RULE}") \
             from None
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Whoever can write it chooses the key every replica accepts (a mounted Secret is never writable).
+        raise InferKeyFileError(f"inference key file {path} (mode {stat.S_IMODE(mode):o}) can be written by others "
+                                "than its owner: make it writable by its owner alone (chmod go-w)")
     key = text.strip()
     if not key:
         raise InferKeyFileError(f"inference key file {path} is empty; the key must be {INFER_KEY_RULE}")

@@ -8,7 +8,9 @@ Stopping: the first SIGINT or SIGTERM, at any moment (building the tiny models, 
 a probe in flight, a restart, the back-off between restarts), starts an orderly stop: tritonserver refuses new
 requests, finishes those in flight for up to ``--exit-timeout`` seconds, and its Python stubs exit; then the
 launcher exits 0. A second signal, or a stop that outlasts the timeout, kills tritonserver's whole process group
-and the launcher exits 1. Either way nothing of the server is left running.
+and the launcher exits 1. Either way nothing of the server is left running. With ``--drain-seconds``, a stop of a
+serving server first drains (it serves on while the load-balancer agent says "drain"); a second signal then ends
+the drain and starts the orderly stop, and a third kills.
 
 The main thread only waits for signals (:mod:`.signals`); a supervisor thread starts, watches and stops the server.
 """
@@ -134,6 +136,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--drain-seconds={arguments.drain_seconds} is invalid: must be 0 to {MAX_EXIT_TIMEOUT_S} seconds")
     if arguments.agent_port is not None and not 1 <= arguments.agent_port <= 65535:
         parser.error(f"--agent-port={arguments.agent_port} is invalid: must be a TCP port, 1 to 65535")
+    http_port = arguments.http_port
+    server_port_of = {"http": http_port,
+                      "grpc": arguments.grpc_port if arguments.grpc_port is not None else http_port + 1,
+                      "metrics": arguments.metrics_port if arguments.metrics_port is not None else http_port + 2}
+    taken = [name for name, port in server_port_of.items() if port == arguments.agent_port]
+    if taken:
+        parser.error(f"--agent-port={arguments.agent_port} is invalid: it is the server's {taken[0]} port; the agent "
+                     f"needs a port of its own (the Helm chart uses the HTTP port + 3)")
     if arguments.ready_timeout <= 0:
         parser.error(f"--ready-timeout={arguments.ready_timeout} is invalid: must be a positive number of seconds")
     if arguments.model_repository is not None and not arguments.model_repository.is_dir():
@@ -192,8 +202,9 @@ def _serve_until_stopped(server: TritonServer, arguments: argparse.Namespace, si
     assert received is not None
     name = signal.Signals(received).name
     if arguments.drain_seconds > 0 and supervisor.serving:
-        logger.info("%s received: draining for %.0f s before the stop (the load-balancer agent says drain; "
-                    "requests that still come are served); send it again to stop now", name, arguments.drain_seconds)
+        told = "the load-balancer agent says drain" if agent is not None else "no agent to tell a proxy"
+        logger.info("%s received: draining for %.0f s before the stop (%s; requests that still come are served); "
+                    "send it again to stop now", name, arguments.drain_seconds, told)
         if agent is not None:
             agent.set(ReplicaState.DRAINING)
         received = signals.wait(timeout_s=arguments.drain_seconds)

@@ -81,15 +81,19 @@ class DrainAgent:
         self._listener.close()
 
     def _serve(self) -> None:
+        # Never ends before close(): only this agent can take back a "down" it said (HAProxy's rule), so an agent
+        # that died after "down#restarting" would keep the replica out of rotation for the rest of its life.
         while not self._stopped.is_set():
             try:
                 connection, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as error:
                 if self._stopped.is_set():
                     return
-                raise
+                logger.warning("load-balancer agent: accept failed (%s); still answering", error)
+                self._stopped.wait(_ACCEPT_POLL_S)  # e.g. out of file descriptors: try again shortly
+                continue
             # One short line to a peer that only reads: answered inline, one connection at a time.
             with connection, contextlib.suppress(OSError):
                 connection.settimeout(_SEND_TIMEOUT_S)

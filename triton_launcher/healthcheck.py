@@ -29,16 +29,22 @@ class UnhealthyError(Exception):
     """The server cannot be checked, or a model did not answer as it should."""
 
 
-def probe_model(server: ServerDescription, model: str, timeout_s: float) -> None:
-    """One real inference on ``model``; UnhealthyError unless it returns a PROBE_SIDE x PROBE_SIDE RGB image."""
+def probe_model(server: ServerDescription, model: str, timeout_s: float) -> str:
+    """One real inference on ``model``: "ok", or "busy" if Triton's queue refused it (full, or timed out: the
+    model works, it has more to do than it can queue, as the watchdog judges too); UnhealthyError unless it
+    returns a PROBE_SIDE x PROBE_SIDE RGB image. A busy pod stays in rotation: taking it out would only pile its
+    load onto the others, which would fill up and drop out in turn."""
     try:
         image = triton.probe_inference(server.http_address, server.grpc_address, model, server.infer_key,
                                        streaming=model in server.streaming_models, timeout_s=timeout_s)
     except Exception as error:  # whatever the client raised, the model did not answer: report it as such
+        if triton.QUEUE_FULL in str(error) or triton.QUEUE_TIMEOUT in str(error):
+            return "busy"
         raise UnhealthyError(f"{model}: inference failed: {error}") from error
     if image.shape != (triton.PROBE_SIDE, triton.PROBE_SIDE, 3):
         side = triton.PROBE_SIDE
         raise UnhealthyError(f"{model}: returned an image of shape {image.shape}, not ({side}, {side}, 3)")
+    return "ok"
 
 
 def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
@@ -59,12 +65,12 @@ def check(state_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
             continue
         started = time.monotonic()
         try:
-            probe_model(server, model, remaining_s)
+            verdict = probe_model(server, model, remaining_s)
         except UnhealthyError as error:
             failures.append(str(error))
             print(f"unhealthy: {error}", file=sys.stderr)
         else:
-            print(f"ok: {model} ({time.monotonic() - started:.2f} s)")
+            print(f"{verdict}: {model} ({time.monotonic() - started:.2f} s)")
     return failures
 
 

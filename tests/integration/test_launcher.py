@@ -142,6 +142,9 @@ def test_an_operator_key_from_a_file_opens_the_server_and_survives_the_watchdogs
             with pytest.raises(InferenceServerException) as refused:
                 triton.infer_http(client, "tiny-sd15", request, "some-other-key-of-24-chars")
             assert refused.value.status() == "403"
+        # The file changes (a new Secret) while the server runs: a restart keeps the key it started with, and
+        # takes the new one only on a new start (a rolling restart of the pods).
+        (tmp_path / "secret" / "infer-key").write_text("a-newer-key-that-is-long-enough-9\n")
         server.restart()
         assert server.infer_key == operator_key
         with server.http_client(timeout_s=120) as client:

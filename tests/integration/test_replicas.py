@@ -246,6 +246,7 @@ def test_a_replica_killed_under_load_costs_no_request(
         for_alice = root.delegate({}).give("alice")
         for_bob = root.delegate({}).give("bob")
         before = sent(cluster)
+        logged = len(cluster.proxy.requests())
         killed_once = threading.Event()
 
         def kill_when_both_serve() -> None:
@@ -266,5 +267,11 @@ def test_a_replica_killed_under_load_costs_no_request(
         audit = [entry["outcome"] for entry in layer.capabilities.audit_entries("ops-kill", action="generate")]
         assert audit.count("ok") == 24
         assert "failed" not in audit
+    # The proxy itself sent what the dead replica had in flight to the other one (seeded requests carry an
+    # Idempotency-Key), and those requests ended well: the capability layer's own retry was not needed for them.
+    retried = [request for request in cluster.proxy.requests()[logged:]
+               if request.path.endswith("/infer") and request.retries != "0"]
+    assert retried, "the proxy retried nothing"
+    assert {(request.server, request.status) for request in retried} == {(cluster.server(surviving), "200")}
     cluster.proxy.wait_for_status(HTTP_BACKEND, cluster.server(killed), "DOWN", timeout_s=30)
     assert cluster.requests_sent(surviving) > before[0]

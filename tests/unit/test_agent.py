@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
@@ -65,6 +66,9 @@ def test_an_agent_port_in_use_is_a_start_failure_that_names_the_port() -> None:
     (["--drain-seconds", "4000"], "--drain-seconds=4000.0 is invalid: must be 0 to 3600 seconds"),
     (["--agent-port", "0"], "--agent-port=0 is invalid: must be a TCP port, 1 to 65535"),
     (["--agent-port", "70000"], "--agent-port=70000 is invalid: must be a TCP port, 1 to 65535"),
+    (["--agent-port", "8001"], "--agent-port=8001 is invalid: it is the server's grpc port"),
+    (["--http-port", "9000", "--agent-port", "9002"], "--agent-port=9002 is invalid: it is the server's metrics port"),
+    (["--metrics-port", "9100", "--agent-port", "9100"], "--agent-port=9100 is invalid: it is the server's metrics"),
 ])
 def test_drain_and_agent_options_are_checked(
     arguments: list[str], message: str, capsys: pytest.CaptureFixture[str],
@@ -72,3 +76,28 @@ def test_drain_and_agent_options_are_checked(
     with pytest.raises(SystemExit):
         parse_arguments(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_the_agent_keeps_answering_after_accept_fails() -> None:
+    """Out of file descriptors, say: only the agent can take back its own "down", so it must not die."""
+
+    class FailsOnce:
+        def __init__(self, listener: socket.socket) -> None:
+            self.listener = listener
+            self.failed = threading.Event()
+
+        def accept(self) -> tuple[socket.socket, object]:
+            if not self.failed.is_set():
+                self.failed.set()
+                raise OSError(24, "Too many open files")
+            return self.listener.accept()
+
+        def close(self) -> None:
+            self.listener.close()
+
+    with DrainAgent("127.0.0.1", 0) as agent:
+        wrapped = FailsOnce(agent._listener)
+        agent._listener = wrapped  # type: ignore[assignment]
+        agent.set(ReplicaState.SERVING)
+        assert wrapped.failed.wait(timeout=5)  # the agent's next accept raised
+        assert ask(agent) == b"ready up\n"

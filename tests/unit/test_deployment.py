@@ -139,7 +139,7 @@ def test_image_serves_the_model_repository_beside_the_launcher_as_a_checkout_doe
     assert copies["model_repository"] == "./model_repository"
     assert copies["diffusers_backend"] == "./diffusers_backend"  # what model.py imports
     assert copies["inference_client"] == "./inference_client"  # the contract, the probes' client
-    assert "USER triton" in DOCKERFILE
+    assert "USER triton-server" in DOCKERFILE  # the NGC image's own non-root user, uid 1000
 
 
 def test_container_runs_scripts_serve_with_its_defaults_but_the_listen_address_and_log(service: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from inference_client import triton
 from inference_client.state import INFER_KEY_FILE, INFER_KEY_HEADER, SERVER_FILE
 from triton_launcher import healthcheck
 from triton_launcher.server import free_ports
@@ -52,3 +53,29 @@ def test_a_non_positive_timeout_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         healthcheck.parse_arguments(["--state-dir", str(tmp_path), "--timeout", "0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("refusal", ["Exceeds maximum queue size", "Request timeout expired"])
+def test_a_model_whose_queue_refuses_the_probe_is_busy_not_broken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, refusal: str,
+) -> None:
+    """Triton's queue policy answers 503 with these words: the model works and has too much to do. A readiness
+    check that failed on it would take every saturated pod out of its Service, one after the other."""
+    from tritonclient.utils import InferenceServerException
+
+    state_dir = tmp_path / "state"
+    write_state_dir(state_dir, ["busy", "broken"], [])
+
+    def probe(_http: str, _grpc: str, model: str, *_args: object, **_options: object) -> object:
+        if model == "busy":
+            raise InferenceServerException(msg=f"[request id: <id_unknown>] {refusal}", status="503")
+        raise InferenceServerException(msg="Failed to process the request(s) for model 'broken': stub is dead",
+                                       status="500")
+
+    monkeypatch.setattr(triton, "probe_inference", probe)
+    assert healthcheck.main(["--state-dir", str(state_dir), "--timeout", "30"]) == 1
+    output = capsys.readouterr()
+    assert "busy: busy (" in output.out
+    assert "unhealthy: broken: inference failed" in output.err
+    assert "busy:" not in output.err
+    assert "1 failure(s)" in output.err

@@ -100,3 +100,13 @@ def test_a_server_given_an_unusable_key_file_does_not_start_and_writes_no_key(tm
     with pytest.raises(ServerStartError, match=r"holds 9 characters .*\(--infer-key-file\)"), TritonServer(options):
         pass
     assert not (state_dir / INFER_KEY_FILE).exists()
+
+
+def test_an_operator_key_file_that_others_can_write_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "infer-key"
+    path.write_text(OPERATOR_KEY + "\n")
+    path.chmod(0o664)
+    with pytest.raises(InferKeyFileError, match=r"\(mode 664\) can be written by others than its owner: .*chmod go-w"):
+        read_infer_key_file(path)
+    path.chmod(0o644)  # readable by others, as a Secret mounted with the default mode is: accepted
+    assert read_infer_key_file(path) == OPERATOR_KEY

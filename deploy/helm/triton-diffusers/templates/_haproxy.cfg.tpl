@@ -87,10 +87,13 @@ backend triton-http
     # timeout), so an idle keep-alive connection kept by the proxy would make every drain run into the exit
     # timeout and cut what is still in flight. Clients keep their keep-alive connections to the proxy.
     option http-server-close
-    # Healthy means a real inference answered: Triton's readiness stays 200 while a model's stub is dead.
+    # Healthy means a real inference answered: Triton's readiness stays 200 while a model's stub is dead. 503 is
+    # Triton's queue refusing the check (full, or timed out): the replica works and is busy. Marking busy
+    # replicas down would pile their load onto the others until all were down; the request retry on 503 already
+    # sends seeded requests to a replica with room.
     option httpchk
     http-check send meth POST uri /v2/models/{{ $model }}/infer ver HTTP/1.1 hdr Host triton hdr Content-Type application/json hdr infer-key "${TRITON_INFER_KEY}" body '{{ $probeBody }}'
-    http-check expect status 200
+    http-check expect rstatus ^(200|503)$
     # Retried on another replica: a request that reached no replica, and, for requests with an Idempotency-Key
     # (seeded ones, which reproduce bitwise), one whose replica died or timed out under it or refused it as busy
     # (503: Triton's queue was full and nothing was computed). Anything else could run a generation twice.
@@ -115,7 +118,7 @@ backend triton-grpc
     # proto (checked against a live tritonserver: the check then speaks HTTP/2 to the HTTP port, and times out).
     option httpchk
     http-check send meth POST uri /v2/models/{{ $model }}/infer ver HTTP/1.1 hdr Host triton hdr Content-Type application/json hdr infer-key "${TRITON_INFER_KEY}" body '{{ $probeBody }}'
-    http-check expect status 200
+    http-check expect rstatus ^(200|503)$
     # A stream that reached a replica is never replayed: only a request that could not connect is retried.
     retry-on conn-failure
     default-server check {{ $agent }} inter {{ $check.interval }} fastinter {{ $check.fastInterval }} downinter {{ $check.downInterval }} fall {{ $check.fall }} rise {{ $check.rise }}
