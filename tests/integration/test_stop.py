@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -317,4 +318,47 @@ def test_a_server_that_does_not_stop_in_time_is_killed_with_its_group_and_the_la
     assert launched.exit_code() == 1
     assert f"tritonserver did not stop within {launched.exit_timeout_s + STUB_EXIT_GRACE_S:.0f} s" in launched.log()
     assert "did not stop in order: requests in flight were cut" in launched.log()
+    assert_nothing_left(launched)
+
+
+def ask_agent(port: int) -> str:
+    """What HAProxy's agent check reads from the launcher's agent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        return connection.makefile().readline().strip()
+
+
+DRAIN_AGENT_PORT = free_ports(1)[0]
+
+
+@pytest.mark.parametrize("launched", [(("--drain-seconds", "120", "--agent-port", str(DRAIN_AGENT_PORT)), {})],
+                         indirect=True)
+def test_a_stop_drains_serving_on_until_a_second_signal_then_stops_in_order(launched: Launcher,
+                                                                            tmp_path: Path) -> None:
+    launched.wait_until_ready()
+    assert ask_agent(DRAIN_AGENT_PORT) == "ready up"
+    launched.stop()
+    launched.wait_for_log("SIGTERM received: draining for 120 s before the stop")
+    assert ask_agent(DRAIN_AGENT_PORT) == "drain"
+    # A request that still comes during the drain (from a proxy that has not asked the agent yet) is served.
+    request = contract.TextToImage("a late request", width=64, height=64, num_inference_steps=1, seed=4)
+    with triton.http_client(f"127.0.0.1:{launched.http_port}", timeout_s=WAIT_S) as client:
+        image = triton.infer_http(client, MODEL, request, launched.infer_key(tmp_path))
+    assert image.image.shape == (64, 64, 3)
+    launched.stop()  # the second signal ends the drain, long before its 120 s, and the stop is orderly
+    assert launched.exit_code() == 0
+    assert "second SIGTERM: stopping now, without the rest of the drain" in launched.log()
+    assert "killing" not in launched.log()
+    assert_nothing_left(launched)
+    with pytest.raises(ConnectionRefusedError):
+        ask_agent(DRAIN_AGENT_PORT)
+
+
+@pytest.mark.parametrize("launched", [(("--drain-seconds", "120", "--agent-port", str(DRAIN_AGENT_PORT)), {})],
+                         indirect=True)
+def test_a_stop_before_the_server_serves_does_not_drain(launched: Launcher) -> None:
+    launched.wait_for_log(r"started \S+tritonserver \(pid \d+\)")
+    assert ask_agent(DRAIN_AGENT_PORT) == "down#starting"
+    launched.stop()
+    assert launched.exit_code() == 0  # within an orderly stop's bound, not after a 120 s drain
+    assert "draining" not in launched.log()
     assert_nothing_left(launched)
