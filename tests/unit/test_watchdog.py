@@ -192,3 +192,30 @@ def test_a_queue_timeout_is_busy_and_a_probe_without_answer_is_a_fault_only_the_
     assert watchdog._probe("tiny-flux") == "probe inference on 'tiny-flux' failed: timed out"
     # A probe that fails quickly is a fault at once.
     assert watchdog._probe("tiny-flux") == "probe inference on 'tiny-flux' failed: timed out"
+
+
+def test_the_agent_says_down_while_a_restart_is_under_way_and_ready_once_it_serves(server_factory: Any) -> None:
+    """A proxy that asks the launcher's agent sends nothing to a replica being restarted, and takes it back."""
+    from triton_launcher.agent import DrainAgent, ReplicaState
+
+    server = server_factory({"tiny-sd15": "[500] Stub process 'tiny-sd15_0_0' is not healthy."}, failing_restarts=1)
+    seen_during_restarts: list[ReplicaState] = []
+    restart = server.restart
+
+    def restart_and_note() -> None:
+        seen_during_restarts.append(agent.state)
+        restart()
+
+    server.restart = restart_and_note
+    with DrainAgent("127.0.0.1", 0) as agent:
+        agent.set(ReplicaState.SERVING)
+        watchdog = Watchdog(server, restart_backoff_s=0, agent=agent)
+        fault = watchdog.check()
+        assert fault is not None
+        watchdog._recover(fault)
+        assert seen_during_restarts == [ReplicaState.RESTARTING, ReplicaState.RESTARTING]  # a failed try, then one
+        assert agent.state.value == "ready up"
+        # A stop that began meanwhile wins: the agent never says ready again once it drains.
+        agent.set(ReplicaState.DRAINING)
+        watchdog._recover(Fault(None, "tritonserver exited (exit code 0)"))
+        assert agent.state is ReplicaState.DRAINING
