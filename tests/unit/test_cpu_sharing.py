@@ -77,7 +77,12 @@ def test_a_peer_waits_for_cores_until_the_busy_instance_hands_back_its_extra_one
         first.sharing.rebalance()
         assert first.calls == [4, 2]
         assert peer.started.wait(timeout=10)
-        assert second.calls == [2]
+        # The holder hands its two extra cores back one lock at a time: a waiter polling in between starts with
+        # one, and takes the other at its next step. Never more than the cores between them.
+        assert second.calls in ([2], [1]), second.calls
+        second.sharing.rebalance()  # its next step (its thread only waits meanwhile)
+        assert second.calls[-1] == 2
+        assert first.calls[-1] + second.calls[-1] <= 4
         peer.finish()
         first.sharing.rebalance()
         assert first.calls == [4, 2, 4]  # free again: taken back at the next step
