@@ -339,7 +339,9 @@ class TritonGateway:
                     raise GenerationError(f"the server refused the request: {_as_options(message)}") from None
                 if status == "503" and (reason := _queue_refusal(message)) is not None:
                     raise ServerBusyError(f"{self.url} is busy: {reason}; retry later") from None
-                if status is None or status == "503" or _STUB_DIED in message:  # no answer, or a broken one
+                # No answer, a broken one, or a proxy in front of the replicas that got none (502, 504: Triton
+                # itself never answers with them; the chart's HAProxy does when a replica dies mid-answer).
+                if status is None or status in ("502", "503", "504") or _STUB_DIED in message:
                     self._drop_client()
                     raise TemporarilyUnavailableError(_unavailable(self.url, message)) from None
                 raise GenerationError(f"the server failed the request ({status}): {message}") from None

@@ -460,7 +460,7 @@ def test_proxy_balances_requests_and_retries_only_what_is_safe(defaults: list[di
     assert "balance leastconn" in http
     assert "balance leastconn" in grpc
     assert "option http-server-close" in http, "no idle connection holds a replica's stop up"
-    assert "retry-on conn-failure empty-response response-timeout 503" in http
+    assert "retry-on conn-failure empty-response junk-response response-timeout 503" in http
     assert "http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }" in http
     assert "retry-on conn-failure" in grpc, "a gRPC stream that reached a replica is never replayed"
     assert "option redispatch 1" in config_lines(config, "defaults"), "every retry on another replica"

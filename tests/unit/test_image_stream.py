@@ -54,3 +54,24 @@ def test_the_capability_layer_reports_a_down_server_as_temporarily_unavailable_s
     cancelled.cancel()  # before the stream opens: it is cancelled as soon as it does
     with pytest.raises(GenerationCancelledError, match="cancelled by the caller"):
         gateway.generate_streaming("tiny-sd15", REQUEST, on_progress=None, cancellation=cancelled)
+
+
+@pytest.mark.parametrize(("status", "temporary"), [("502", True), ("504", True), ("503", True), ("500", False)])
+def test_a_proxy_that_got_no_answer_from_a_replica_is_temporarily_unavailable(
+    tmp_path: Path, status: str, temporary: bool,
+) -> None:
+    """502 and 504 come only from a proxy in front of the replicas (one died mid-answer, or did not answer in
+    time): seeded requests are worth retrying. Any other failure of the server is the request's own."""
+    from capability.errors import GenerationError
+
+    keys = ServerKeys(SQLiteStore(tmp_path / STORE_FILE), state_dir=None)
+    (tmp_path / "key").write_text("a-key-of-at-least-24-characters\n")
+    gateway = TritonGateway(keys.register("http://127.0.0.1:9", tmp_path / "key"), keys)
+
+    def fails(_client: object, _key: str) -> None:
+        raise InferenceServerException(msg="<html><body><h1>Bad Gateway</h1></body></html>", status=status)
+
+    expected = TemporarilyUnavailableError if temporary else GenerationError
+    with pytest.raises(expected) as raised:
+        gateway._call(fails)
+    assert type(raised.value) is expected

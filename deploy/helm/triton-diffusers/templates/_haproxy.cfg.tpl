@@ -95,9 +95,10 @@ backend triton-http
     http-check send meth POST uri /v2/models/{{ $model }}/infer ver HTTP/1.1 hdr Host triton hdr Content-Type application/json hdr infer-key "${TRITON_INFER_KEY}" body '{{ $probeBody }}'
     http-check expect rstatus ^(200|503)$
     # Retried on another replica: a request that reached no replica, and, for requests with an Idempotency-Key
-    # (seeded ones, which reproduce bitwise), one whose replica died or timed out under it or refused it as busy
+    # (seeded ones, which reproduce bitwise), one whose replica died or timed out under it (before or in the middle
+    # of its answer: empty-response, junk-response) or refused it as busy
     # (503: Triton's queue was full and nothing was computed). Anything else could run a generation twice.
-    retry-on conn-failure empty-response response-timeout 503
+    retry-on conn-failure empty-response junk-response response-timeout 503
     http-request disable-l7-retry unless { req.hdr(Idempotency-Key) -m found }
     # The replica's own word (the launcher's agent) takes it out of rotation at once when it drains, restarts
     # or stops; the inference check stays the judge of whether it works.
