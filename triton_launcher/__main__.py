@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from inference_client.state import STATE_DIR
+from inference_client.state import STATE_DIR, InferKeyFileError, read_infer_key_file
 
 from .agent import DrainAgent, ReplicaState
 from .errors import LauncherError, StopRequestedError
@@ -155,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     arguments = parse_arguments(argv)
+    if arguments.infer_key_file is not None:
+        # Checked before anything slow (building the tiny models, loading weights); read again at every start.
+        try:
+            read_infer_key_file(arguments.infer_key_file)
+        except InferKeyFileError as error:
+            print(f"scripts/serve: {error} (--infer-key-file)", file=sys.stderr)
+            return EXIT_FAILED
     repository = arguments.model_repository or (TINY_REPOSITORY if arguments.tiny else MODEL_REPOSITORY)
     options = ServerOptions(
         model_repository=repository.resolve(),

@@ -110,3 +110,17 @@ def test_an_operator_key_file_that_others_can_write_is_refused(tmp_path: Path) -
         read_infer_key_file(path)
     path.chmod(0o644)  # readable by others, as a Secret mounted with the default mode is: accepted
     assert read_infer_key_file(path) == OPERATOR_KEY
+
+
+def test_serve_refuses_an_unusable_key_file_before_building_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from triton_launcher.__main__ import main
+
+    (tmp_path / "infer-key").write_text("too-short\n")
+    code = main(["--tiny", "--state-dir", str(tmp_path / "state"), "--infer-key-file", str(tmp_path / "infer-key")])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert f"scripts/serve: inference key file {tmp_path / 'infer-key'} holds 9 characters" in error
+    assert "building the tiny models" not in error
+    assert not (tmp_path / "state").exists()
