@@ -227,11 +227,13 @@ class _Connection:
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor:
         with self._store._errors():
-            cursor = self._connection.cursor()
-            cursor.executemany(translate(sql), [_parameters(each) for each in parameters])
-            if self._pipeline is not None:
+            if self._pipeline is not None:  # the cursor lives until its result is read
+                cursor = self._connection.cursor()
+                cursor.executemany(translate(sql), [_parameters(each) for each in parameters])
                 return _Pending(cursor, self._pipeline, self._store)
-            return _Result([], cursor.rowcount)
+            with self._connection.cursor() as cursor:
+                cursor.executemany(translate(sql), [_parameters(each) for each in parameters])
+                return _Result([], cursor.rowcount)
 
 
 class _Reads:
