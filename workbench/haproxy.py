@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,8 +172,3 @@ class HAProxy:
             return "pxname" in self.command("show stat")
         return False
 
-
-@contextlib.contextmanager
-def haproxy(config: str, environment: Mapping[str, str] | None = None) -> Iterator[HAProxy]:
-    with HAProxy(config, environment) as proxy:
-        yield proxy

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psutil
 import yaml
@@ -98,7 +98,6 @@ class Replica:
         self.state_dir = scratch / f"{name}-state"
         self.log_path = scratch / f"{name}-launcher.log"
         self.process: subprocess.Popen[str] | None = None
-        self.starts = 0
 
     @property
     def url(self) -> str:
@@ -114,8 +113,6 @@ class Replica:
     def start(self) -> None:
         """Start the launcher; returns at once (:meth:`wait_until_ready` waits for its READY line)."""
         self._forget_process()
-        self.starts += 1
-        log: IO[str]
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=log, text=True,
                                             start_new_session=True)
