@@ -1,7 +1,8 @@
 """The Helm chart (deploy/helm/triton-diffusers), rendered by Helm's own engine (helm-python-sdk, no cluster and no
-helm binary) for the default values and the GPU production example: lint clean, every manifest valid for
-Kubernetes 1.30, the launcher run as the image runs it, probes that tell the truth, stops that drain, and a
-proxy configuration that Debian's HAProxy 2.6 accepts and that probes with the launcher's own inference."""
+helm binary) for the default values, the GPU production example and the capability service: lint clean, every
+manifest valid for Kubernetes 1.30, the launcher run as the image runs it, probes that tell the truth, stops that
+drain, a proxy configuration that Debian's HAProxy 2.6 accepts and that probes with the launcher's own inference,
+and a capability service that alone reaches Triton, shares a PostgreSQL store and never holds a secret in clear."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from triton_launcher.paths import PROJECT_ROOT
 from triton_launcher.server import GROUP_EXIT_WAIT_S, STUB_EXIT_GRACE_S
 
 helm_chart = pytest.importorskip("helm_python.chart")  # dev extra only; the torch-free 3.10 check skips this file
+helm_errors = pytest.importorskip("helm_python.errors")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 yaml = pytest.importorskip("yaml")
 
@@ -39,6 +41,26 @@ HAPROXY = Path("/usr/sbin/haproxy")
 SHM_BYTES_NEEDED = 2 << 30
 """docker/compose.yaml's shm_size (2gb), which tests/unit/test_deployment.py sizes from the models."""
 QUANTITY_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+SERVICE_DOCKERFILE = PROJECT_ROOT / "docker" / "Dockerfile.service"
+SERVICE_STORE = "postgresql://capability@db.example.internal:6432/capabilities"
+SERVICE_VALUES: dict[str, Any] = {"service": {"enabled": True, "store": {
+    "url": SERVICE_STORE, "passwordSecret": {"name": "capability-store", "key": "password"}}}}
+"""The capability service with nothing but what it cannot do without: the store and its password's Secret."""
+
+
+def dockerfile_instructions(dockerfile: Path, instruction: str) -> list[str]:
+    """The arguments of every ``instruction`` line (``FROM``, ``USER``, ...) of ``dockerfile``, continuations
+    joined."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    return [line.split(None, 1)[1].strip() for line in text.splitlines() if line.startswith(f"{instruction} ")]
+
+
+def dockerfile_user(dockerfile: Path) -> int:
+    [user] = dockerfile_instructions(dockerfile, "USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit(), "numeric, so that the kubelet can check runAsNonRoot"
+    assert gid == uid
+    return int(uid)
 
 
 def dockerfile_entrypoint() -> list[str]:
@@ -50,17 +72,50 @@ def dockerfile_entrypoint() -> list[str]:
     return [str(part) for part in entrypoint]
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every object the chart renders with ``values``, parsed."""
+def render_manifests(values: dict[str, Any]) -> dict[str, str]:
+    """The chart's rendered files with ``values``, by template path, NOTES.txt among them."""
     with helm_chart.Chart.load(CHART) as chart:
         manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
-    notes = [text for path, text in manifests.items() if path.endswith("/NOTES.txt")]
-    assert len(notes) == 1
-    assert "Server URL" in notes[0], "what `helm install` prints"
+    assert isinstance(manifests, dict)
+    return manifests
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object the chart renders with ``values``, parsed."""
+    return objects_of(render_manifests(values))
+
+
+def objects_of(manifests: dict[str, str]) -> list[dict[str, Any]]:
+    assert "Server URL" in notes_of(manifests), "what `helm install` prints"
     objects = [document for path, text in manifests.items() if not path.endswith("/NOTES.txt")
                for document in yaml.safe_load_all(text) if document]
     assert all(isinstance(item, dict) for item in objects)
     return objects
+
+
+def notes_of(manifests: dict[str, str]) -> str:
+    notes = [text for path, text in manifests.items() if path.endswith("/NOTES.txt")]
+    assert len(notes) == 1
+    return notes[0]
+
+
+def render_error(values: dict[str, Any]) -> str:
+    """The message with which rendering ``values`` fails."""
+    with pytest.raises(helm_errors.HelmRenderError) as failure:
+        render_manifests(values)
+    return str(failure.value)
+
+
+def merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Values ``layers`` merged as Helm merges -f files: maps key by key, anything else replaced."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = value
+    return result
 
 
 def production_values() -> dict[str, Any]:
@@ -69,7 +124,7 @@ def production_values() -> dict[str, Any]:
     return values
 
 
-VALUE_SETS = {"defaults": dict[str, Any](), "production": production_values()}
+VALUE_SETS = {"defaults": dict[str, Any](), "production": production_values(), "service": SERVICE_VALUES}
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
@@ -85,6 +140,12 @@ def defaults() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def production() -> list[dict[str, Any]]:
     return render(production_values())
+
+
+@pytest.fixture(scope="module", params=["service", "production"])
+def with_service(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """The objects of a value set with the capability service enabled."""
+    return render(VALUE_SETS[request.param])
 
 
 def only(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
@@ -303,13 +364,17 @@ def test_updates_and_disruptions_never_take_the_last_serving_replica(objects: li
 
 
 def test_pods_run_unprivileged_on_a_read_only_root(objects: list[dict[str, Any]]) -> None:
-    for component, user in (("triton", 1000), ("proxy", 99)):
+    users = {"triton": 1000, "proxy": 99, "capability-service": dockerfile_user(SERVICE_DOCKERFILE)}
+    components = [item["metadata"]["labels"]["app.kubernetes.io/component"] for item in of_kind(objects, "Deployment")]
+    assert {"triton", "proxy"} <= set(components) <= set(users)
+    for component in components:
+        user = users[component]
         pod = only(objects, "Deployment", component)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == user  # the image's own user (triton: docker/Dockerfile)
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["automountServiceAccountToken"] is False
-        for container in pod["containers"]:
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False
             assert context["capabilities"] == {"drop": ["ALL"]}
@@ -324,30 +389,52 @@ def test_pods_run_unprivileged_on_a_read_only_root(objects: list[dict[str, Any]]
 # --- the network, metrics and autoscaling --------------------------------------------------------------------
 
 
+def ingress_rules(policy: dict[str, Any]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """A NetworkPolicy's ingress peers by the (sorted) ports they may reach."""
+    return {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"] for rule in policy["spec"]["ingress"]}
+
+
+def pod_labels(objects: list[dict[str, Any]], component: str) -> dict[str, str]:
+    labels = only(objects, "Deployment", component)["spec"]["template"]["metadata"]["labels"]
+    assert isinstance(labels, dict)
+    return labels
+
+
+def admits(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy peer without a namespaceSelector selects pods with ``labels`` (matchLabels only:
+    the chart writes no matchExpressions)."""
+    assert set(peer) == {"podSelector"}, peer
+    selector = peer["podSelector"]
+    assert set(selector) == {"matchLabels"}, selector
+    return bool(selector["matchLabels"].items() <= labels.items())
+
+
 def test_only_capability_clients_and_the_proxy_reach_triton_and_metrics_only_from_monitoring(
     objects: list[dict[str, Any]],
 ) -> None:
     policy = only(objects, "NetworkPolicy", "triton")
     triton_labels = only(objects, "Deployment", "triton")["spec"]["selector"]["matchLabels"]
     proxy_labels = only(objects, "Deployment", "proxy")["spec"]["selector"]["matchLabels"]
+    service = list(of_kind(objects, "Deployment", "capability-service"))
+    # The capability clients: the service's pods when it runs (and then only they), else the labelled hosts.
+    clients = service[0]["spec"]["selector"]["matchLabels"] if service else CLIENT_LABEL
     assert policy["spec"]["podSelector"]["matchLabels"] == triton_labels
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    rules = {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"] for rule in policy["spec"]["ingress"]}
+    rules = ingress_rules(policy)
     assert set(rules) == {("grpc", "http"), ("agent",), ("metrics",)}, "nothing else is open"
     api_peers = rules[("grpc", "http")]
-    assert {"podSelector": {"matchLabels": CLIENT_LABEL}} in api_peers
+    assert {"podSelector": {"matchLabels": clients}} in api_peers
     assert {"podSelector": {"matchLabels": proxy_labels}} in api_peers
     for peer in api_peers:  # a peer in another namespace must still be a labelled client
-        assert peer["podSelector"]["matchLabels"] in (CLIENT_LABEL, proxy_labels)
+        assert peer["podSelector"]["matchLabels"] in (clients, proxy_labels)
     assert rules[("agent",)] == [{"podSelector": {"matchLabels": proxy_labels}}], "the agent answers the proxy alone"
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert rules[("metrics",)] == [monitoring]
     proxy_policy = only(objects, "NetworkPolicy", "proxy")
     assert proxy_policy["spec"]["podSelector"]["matchLabels"] == proxy_labels
-    proxy_rules = {tuple(sorted(port["port"] for port in rule["ports"])): rule["from"]
-                   for rule in proxy_policy["spec"]["ingress"]}
+    proxy_rules = ingress_rules(proxy_policy)
     assert set(proxy_rules) == {("grpc", "http"), ("stats",)}
-    assert all(peer["podSelector"]["matchLabels"] == CLIENT_LABEL for peer in proxy_rules[("grpc", "http")])
+    assert all(peer["podSelector"]["matchLabels"] == clients for peer in proxy_rules[("grpc", "http")])
 
 
 def test_services_expose_http_grpc_and_metrics_and_a_headless_one_lists_ready_replicas(
@@ -374,7 +461,7 @@ def test_production_autoscales_on_queue_time_and_scales_down_slower_than_a_model
 ) -> None:
     assert list(of_kind(defaults, "HorizontalPodAutoscaler")) == [], "the defaults need no Prometheus adapter"
     assert "replicas" in only(defaults, "Deployment", "triton")["spec"]
-    scaler = only(production, "HorizontalPodAutoscaler")
+    scaler = only(production, "HorizontalPodAutoscaler", "triton")
     deployment = only(production, "Deployment", "triton")
     assert "replicas" not in deployment["spec"], "an upgrade must not reset what the autoscaler chose"
     assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -521,3 +608,352 @@ def test_proxy_drains_longer_than_its_server_timeout_allows(objects: list[dict[s
     pre_stop_s = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
     assert seconds(hard_stop.split()[1]) >= seconds(server_timeout.split()[2])
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + seconds(hard_stop.split()[1])
+
+
+# --- the capability service ----------------------------------------------------------------------------------
+
+
+def service_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = only(objects, "Deployment", "capability-service")["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def service_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = service_pod(objects)["containers"]
+    assert [container["name"] for container in containers] == ["capability"]
+    return dict(containers[0])
+
+
+def option_values(args: list[str], option: str) -> list[str]:
+    """Every value given to ``option`` in ``args`` (``--option VALUE``, repeatable)."""
+    return [args[index + 1] for index, arg in enumerate(args) if arg == option]
+
+
+def test_the_service_is_off_by_default_and_defaults_keep_the_labelled_clients(defaults: list[dict[str, Any]]) -> None:
+    # On by default it would need a store no default can name, and it would lock the existing hosts out of Triton.
+    assert not [item for item in defaults
+                if item["metadata"]["labels"].get("app.kubernetes.io/component") == "capability-service"]
+    assert "Capability service" in notes_of(render_manifests(SERVICE_VALUES))
+    assert "Capability service" not in notes_of(render_manifests({}))
+
+
+def test_service_runs_serve_on_all_interfaces_with_the_store_from_the_environment(
+    with_service: list[dict[str, Any]],
+) -> None:
+    container = service_container(with_service)
+    assert container["command"] == ["python", "-m", "capability"]
+    args = container["args"]
+    assert args[0] == "serve"
+    assert option_values(args, "--host") == ["0.0.0.0"], "the Service reaches the pod's interface, not its loopback"
+    [port] = option_values(args, "--port")
+    assert container["ports"] == [{"name": "http", "containerPort": int(port), "protocol": "TCP"}]
+    # The store from CAPABILITY_STORE alone: no URL on the command line, where `ps` and the logs would show it.
+    assert "--store" not in args
+    env = environment(container)
+    assert env["CAPABILITY_STORE"].startswith("postgresql://")
+    service = only(with_service, "Service", "capability-service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "http", "port": int(port), "targetPort": "http", "protocol": "TCP",
+                                         "appProtocol": "http"}]
+    assert service["spec"]["selector"].items() <= service_pod_labels(with_service).items()
+    # The CLI's state dir is the one the image makes private to the service's user, off $HOME.
+    [state] = [value.split("=", 1)[1] for value in dockerfile_instructions(SERVICE_DOCKERFILE, "ENV")
+               if value.startswith("TRITON_DIFFUSERS_STATE=")]
+    assert env["TRITON_DIFFUSERS_STATE"] == state
+
+
+def service_pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return pod_labels(objects, "capability-service")
+
+
+def test_service_arguments_are_ones_the_capability_cli_accepts() -> None:
+    from capability.__main__ import build_parser
+
+    objects = render(merged(SERVICE_VALUES, {"service": {
+        "trustedHeader": {"name": "X-Authenticated-User", "proxies": ["10.0.0.0/8", "192.168.0.0/16"]},
+        "forwardedAllowIps": ["10.244.0.0/16"], "gracefulSeconds": 300,
+        "extraArgs": ["--max-body-bytes", "131072"]}}))
+    container = service_container(objects)
+    args = container["args"]
+    assert args[-2:] == ["--max-body-bytes", "131072"]
+    assert container["command"][-2:] == ["-m", "capability"]
+    # Options spelled in full: argparse would take an abbreviation that a later option makes ambiguous.
+    options = [arg[2:].replace("-", "_") for arg in args if arg.startswith("--")]
+    parsed = vars(build_parser().parse_args(args))
+    assert set(options) <= set(parsed), options
+    assert parsed["command"] == "serve"
+    assert parsed["host"] == "0.0.0.0"
+    assert parsed["port"] == 8080
+    assert parsed["graceful_seconds"] == 300
+    assert parsed["trusted_header"] == "X-Authenticated-User"
+    assert parsed["trusted_proxy"] == ["10.0.0.0/8", "192.168.0.0/16"]
+    assert parsed["forwarded_allow_ips"] == ["10.244.0.0/16"]
+    assert parsed["max_body_bytes"] == 131072
+    assert parsed["store"] is None, "serve takes CAPABILITY_STORE from the environment"
+
+
+def test_service_probes_ask_the_store_for_readiness_and_the_process_for_liveness(
+    with_service: list[dict[str, Any]],
+) -> None:
+    container = service_container(with_service)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # A store outage makes every instance unready; it must not get them killed as well.
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
+
+
+def test_service_stop_lets_the_longest_request_through_the_proxy_finish(with_service: list[dict[str, Any]]) -> None:
+    pod = service_pod(with_service)
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    # Long enough for the endpoints to reach kube-proxy and the ingress controller, short beside the grace period.
+    assert 1 <= int(pre_stop[1]) <= 15
+    server_timeout = next(line for line in config_lines(haproxy_config(with_service), "defaults")
+                          if line.startswith("timeout server "))
+    [graceful] = option_values(pod["containers"][0]["args"], "--graceful-seconds")
+    # Running requests may finish for as long as the proxy lets a generation run; the kubelet's grace period runs
+    # from the preStop hook: the sleep, then that, then the service's own stop, all before SIGKILL.
+    assert float(graceful) >= seconds(server_timeout.split()[2])
+    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + float(graceful) + 10
+    rollout = only(with_service, "Deployment", "capability-service")["spec"]["strategy"]["rollingUpdate"]
+    assert rollout["maxUnavailable"] == 0
+    budget = only(with_service, "PodDisruptionBudget", "capability-service")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= service_pod_labels(with_service).items()
+
+
+def test_service_hpa_scales_the_service_deployment_on_cpu(with_service: list[dict[str, Any]]) -> None:
+    deployment = only(with_service, "Deployment", "capability-service")
+    scaler = only(with_service, "HorizontalPodAutoscaler", "capability-service")
+    assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"], "an upgrade must not reset what the autoscaler chose"
+    assert 2 <= scaler["spec"]["minReplicas"] < scaler["spec"]["maxReplicas"]
+    [metric] = scaler["spec"]["metrics"]
+    assert metric["type"] == "Resource"
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert "cpu" in service_container(with_service)["resources"]["requests"], "utilisation is of the request"
+    fixed = render(merged(SERVICE_VALUES, {"service": {"autoscaling": {"enabled": False}, "replicas": 3}}))
+    assert list(of_kind(fixed, "HorizontalPodAutoscaler", "capability-service")) == []
+    assert only(fixed, "Deployment", "capability-service")["spec"]["replicas"] == 3
+
+
+def test_service_mounts_the_infer_key_at_the_path_the_registered_servers_name(
+    with_service: list[dict[str, Any]],
+) -> None:
+    pod = service_pod(with_service)
+    key_dir = "/var/run/secrets/triton"  # the --key-file of register-server in docs/kubernetes.md
+    mount, volume = volume_of_mount(pod, key_dir)
+    assert mount["readOnly"] is True
+    triton_key = next(volume for volume in triton_pod(with_service)["volumes"] if volume["name"] == "infer-key")
+    assert volume["secret"]["secretName"] == triton_key["secret"]["secretName"], "the key the replicas serve with"
+    assert volume["secret"]["items"] == [{"key": "infer-key", "path": "infer-key"}]
+    # Readable through the pod's group; read_infer_key_file refuses a key file that others may write.
+    assert volume["secret"]["defaultMode"] & 0o022 == 0
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def test_notes_register_the_key_file_the_pods_mount_and_issue_a_token() -> None:
+    values = merged(SERVICE_VALUES, {"service": {"inferKeyDir": "/var/run/secrets/elsewhere"}})
+    notes = notes_of(render_manifests(values))
+    deployment = only(render(values), "Deployment", "capability-service")["metadata"]["name"]
+    commands = [shlex.split(line) for line in notes.splitlines() if "python -m capability" in line]
+    exec_prefix = ["kubectl", "-n", NAMESPACE, "exec", f"deploy/{deployment}", "--", "python", "-m", "capability"]
+    assert all(command[:len(exec_prefix)] == exec_prefix for command in commands), commands
+    by_name = {command[len(exec_prefix)]: command[len(exec_prefix) + 1:] for command in commands}
+    assert set(by_name) == {"init", "register-server", "token"}
+    register = by_name["register-server"]
+    assert option_values(register, "--key-file") == ["/var/run/secrets/elsewhere/infer-key"]
+    proxy = only(render(values), "Service", "proxy")["metadata"]["name"]
+    assert option_values(register, "--url") == [f"http://{proxy}.{NAMESPACE}:8000"]
+    assert option_values(register, "--grpc-address") == [f"{proxy}.{NAMESPACE}:8001"]
+    assert by_name["token"][:2] == ["issue", "--as"]
+    assert f"http://{deployment}.{NAMESPACE}:8080" in notes
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, "service.store.url is required"),
+    ({"replicas": 3, "autoscaling": {"enabled": False}, "store": {"url": "sqlite:///var/lib/capabilities.sqlite3"}},
+     "SQLite store (sqlite:///var/lib/capabilities.sqlite3), which lives in one pod's file and cannot be shared: "
+     "the capability service's instances (service.replicas=3)"),
+    ({"store": {"url": "sqlite:///var/lib/capabilities.sqlite3"}}, "service.autoscaling.maxReplicas=10"),
+    ({"store": {"url": "mysql://capability@db/capabilities"}}, 'must be a PostgreSQL store'),
+    ({"store": {"url": "postgresql://capability@db/capabilities", "passwordSecret": {"name": "a"},
+                "passfileSecret": {"name": "b"}}}, "both set"),
+    ({"store": {"url": "postgresql://capability@db/capabilities"}, "trustedHeader": {"name": "X-User"}},
+     "service.trustedHeader.proxies is empty"),
+    ({"store": {"url": "postgresql://capability@db/capabilities"}, "resources": {"requests": {"cpu": None}}},
+     "set service.resources.requests.cpu"),
+], ids=["no-store", "sqlite-replicas", "sqlite-autoscaled", "not-postgresql", "two-passwords", "header-from-anyone",
+        "hpa-without-cpu-request"])
+def test_service_refuses_values_it_cannot_run_with(values: dict[str, Any], expected: str) -> None:
+    message = render_error({"service": {"enabled": True, **values}})
+    assert expected in message
+
+
+def test_no_secret_value_appears_in_clear_in_any_manifest() -> None:
+    password = "s3cret-Pa55word"  # a stand-in that must never reach a manifest
+    message = render_error(merged(SERVICE_VALUES, {"service": {"store": {
+        "url": f"postgresql://capability:{password}@db:5432/capabilities"}}}))
+    assert "holds a password" in message
+    assert password not in message
+    for values in (SERVICE_VALUES, merged(SERVICE_VALUES, {"service": {"store": {
+            "passwordSecret": {"name": ""}, "passfileSecret": {"name": "capability-pgpass"}}}})):
+        manifests = render_manifests(values)
+        objects = objects_of(manifests)  # one rendering: each makes a new random key
+        # The key the chart makes is in its Secret, base64-encoded, and nowhere else, in no form.
+        encoded = only(objects, "Secret")["data"]["infer-key"]
+        key = base64.b64decode(encoded).decode()
+        text = "\n".join(manifests.values())
+        assert key not in text
+        assert text.count(encoded) == 1
+        for item in objects:
+            pod = item["spec"]["template"]["spec"] if item["kind"] == "Deployment" else None
+            for container in [] if pod is None else [*pod.get("initContainers", []), *pod["containers"]]:
+                for variable in container.get("env", []):
+                    if re.search(r"PASSWORD|KEY|TOKEN|SECRET", variable["name"]):
+                        assert set(variable) == {"name", "valueFrom"}, variable
+                        assert set(variable["valueFrom"]) == {"secretKeyRef"}, variable
+        env = environment(service_container(objects))
+        if "PGPASSWORD" in env:
+            assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "capability-store", "key": "password"}}
+        else:
+            assert "PGPASSFILE" in env
+
+
+def test_a_password_file_reaches_libpq_private_to_the_services_user() -> None:
+    objects = render(merged(SERVICE_VALUES, {"service": {"store": {
+        "passwordSecret": {"name": ""}, "passfileSecret": {"name": "capability-pgpass", "key": "pgpass"}}}}))
+    pod = service_pod(objects)
+    env = environment(service_container(objects))
+    assert "PGPASSWORD" not in env
+    passfile = Path(env["PGPASSFILE"])
+    mount, volume = volume_of_mount(pod, str(passfile.parent))
+    assert mount["readOnly"] is True
+    assert volume["emptyDir"]["medium"] == "Memory"
+    # libpq ignores a password file its group may read, and a Secret's files are the pod group's: a copy, 0600, of
+    # the service's own user (the init container runs as the pod's user).
+    [init] = pod["initContainers"]
+    command = init["command"]
+    assert command[:3] == ["install", "-m", "0600"]
+    source, target = Path(command[3]), Path(command[4])
+    assert target == passfile
+    init_mounts = {mount["mountPath"]: mount for mount in init["volumeMounts"]}
+    assert init_mounts[str(source.parent)]["readOnly"] is True
+    secret = next(volume for volume in pod["volumes"] if volume["name"] == init_mounts[str(source.parent)]["name"])
+    assert secret["secret"]["secretName"] == "capability-pgpass"
+    assert secret["secret"]["items"] == [{"key": "pgpass", "path": source.name}]
+    assert init_mounts[str(target.parent)]["name"] == mount["name"]
+    assert init["image"] == service_container(objects)["image"]
+
+
+@pytest.mark.parametrize("direct_clients", [False, True])
+def test_triton_and_the_proxy_admit_the_service_and_labelled_hosts_only_through_the_escape_hatch(
+    direct_clients: bool,
+) -> None:
+    objects = render(merged(SERVICE_VALUES, {"networkPolicy": {"directClients": direct_clients,
+                                                                "clientNamespaces": ["apps"]}}))
+    service_labels = service_pod_labels(objects)
+    host_labels = {**CLIENT_LABEL, "app": "web"}
+    for component in ("triton", "proxy"):
+        peers = ingress_rules(only(objects, "NetworkPolicy", component))[("grpc", "http")]
+        same_namespace = [peer for peer in peers if "namespaceSelector" not in peer]
+        assert any(admits(peer, service_labels) for peer in same_namespace), component
+        assert any(admits(peer, host_labels) for peer in same_namespace) is direct_clients, component
+        other_namespaces = [peer for peer in peers if "namespaceSelector" in peer]
+        assert bool(other_namespaces) is direct_clients, "the labelled hosts of clientNamespaces follow the same rule"
+    # The service's pods carry no client label: the label stays the escape hatch's, not a way in for anything else.
+    assert not CLIENT_LABEL.items() <= service_labels.items()
+
+
+def egress_rules(policy: dict[str, Any]) -> list[tuple[set[tuple[int, str]], list[dict[str, Any]] | None]]:
+    return [({(port["port"], port["protocol"]) for port in rule["ports"]}, rule.get("to"))
+            for rule in policy["spec"]["egress"]]
+
+
+def container_ports(objects: list[dict[str, Any]], component: str) -> dict[str, int]:
+    [container] = only(objects, "Deployment", component)["spec"]["template"]["spec"]["containers"]
+    return {port["name"]: port["containerPort"] for port in container["ports"]}
+
+
+def test_service_network_policy_reaches_triton_the_proxy_the_store_and_dns_only(
+    with_service: list[dict[str, Any]],
+) -> None:
+    policy = only(with_service, "NetworkPolicy", "capability-service")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= service_pod_labels(with_service).items()
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    [(ports, callers)] = ingress_rules(policy).items()
+    assert ports == ("http",)
+    assert {"podSelector": {"matchLabels": CLIENT_LABEL}} in callers, "the hosts that called Triton call the service"
+    rules = egress_rules(policy)
+    by_target: dict[str, set[tuple[int, str]]] = {}
+    for ports_, peers in rules:
+        for component in ("triton", "proxy"):
+            if peers and any("podSelector" in peer and "namespaceSelector" not in peer
+                             and admits(peer, pod_labels(with_service, component)) for peer in peers):
+                by_target[component] = ports_
+    # Egress is judged on the pod's own port after the Service's translation: the containers' ports.
+    for component in ("triton", "proxy"):
+        api = container_ports(with_service, component)
+        assert by_target[component] == {(api["http"], "TCP"), (api["grpc"], "TCP")}, component
+    dns = [ports_ for ports_, peers in rules if (53, "UDP") in ports_]
+    assert dns == [{(53, "UDP"), (53, "TCP")}]
+    port_in_url = re.search(r":(\d+)/", environment(service_container(with_service))["CAPABILITY_STORE"])
+    assert port_in_url, "both value sets name the port"
+    store_port = int(port_in_url[1])
+    assert [ports_ for ports_, _ in rules if (store_port, "TCP") in ports_] == [{(store_port, "TCP")}]
+    assert len(rules) == 4, "DNS, Triton, the proxy and the store: nothing else"
+
+
+def test_service_store_port_defaults_to_postgresqls_and_egress_narrows_to_the_given_peers() -> None:
+    database = [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    objects = render(merged(SERVICE_VALUES, {"service": {
+        "store": {"url": "postgresql://capability@db/capabilities"}, "networkPolicy": {"store": {"to": database}}}}))
+    rules = egress_rules(only(objects, "NetworkPolicy", "capability-service"))
+    assert ({(5432, "TCP")}, database) in rules
+
+
+def test_ingress_renders_only_when_enabled_and_always_with_tls() -> None:
+    without = render(SERVICE_VALUES)
+    assert list(of_kind(without, "Ingress")) == []
+    ingress_values = {"enabled": True, "host": "capabilities.example.com", "className": "nginx",
+                      "tls": {"secretName": "capabilities-tls"}}
+    objects = render(merged(SERVICE_VALUES, {"service": {"ingress": ingress_values}}))
+    ingress = only(objects, "Ingress", "capability-service")
+    assert ingress["spec"]["tls"] == [{"hosts": ["capabilities.example.com"], "secretName": "capabilities-tls"}]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "capabilities.example.com"
+    [path] = rule["http"]["paths"]
+    service = only(objects, "Service", "capability-service")
+    assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+    assert path["backend"]["service"]["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
+    # The ingress controller is let in by the service's NetworkPolicy, and only while the Ingress exists.
+    callers = ingress_rules(only(objects, "NetworkPolicy", "capability-service"))[("http",)]
+    callers_without = ingress_rules(only(without, "NetworkPolicy", "capability-service"))[("http",)]
+    controller = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}}
+    assert controller in callers
+    assert controller not in callers_without
+    message = render_error(merged(SERVICE_VALUES, {"service": {"ingress": {**ingress_values,
+                                                                            "tls": {"secretName": ""}}}}))
+    assert "service.ingress.tls.secretName" in message
+
+
+def test_service_image_is_a_light_pinned_python_without_the_model_side() -> None:
+    [base] = dockerfile_instructions(SERVICE_DOCKERFILE, "FROM")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), "python:3.11-slim, pinned to a patch release"
+    [install] = [command for command in dockerfile_instructions(SERVICE_DOCKERFILE, "RUN") if "pip install" in command]
+    assert '".[service]"' in install
+    assert "[server]" not in install, "the model side (torch) stays out"
+    entrypoint = json.loads(dockerfile_instructions(SERVICE_DOCKERFILE, "ENTRYPOINT")[0])
+    command = json.loads(dockerfile_instructions(SERVICE_DOCKERFILE, "CMD")[0])
+    objects = render(SERVICE_VALUES)
+    container = service_container(objects)
+    assert container["command"] == entrypoint, "kubectl exec … python -m capability runs what the image runs"
+    assert command[0] == container["args"][0] == "serve"
+    assert dockerfile_user(SERVICE_DOCKERFILE) == service_pod(objects)["securityContext"]["runAsUser"]
+    assert dockerfile_instructions(SERVICE_DOCKERFILE, "EXPOSE") == [option_values(container["args"], "--port")[0]]
