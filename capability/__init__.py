@@ -20,6 +20,8 @@ from .errors import (
     ServerUnavailableError,
     StoreError,
     TemporarilyUnavailableError,
+    UnauthenticatedError,
+    UnknownCapabilityError,
     UnknownServerError,
 )
 from .generation import Generation
@@ -30,5 +32,5 @@ __all__ = [
     "ConcurrencyLimitError", "DeniedError", "GenerateParams", "Generation", "GenerationCancelledError",
     "GenerationError", "InvalidOptionError", "InvalidParamsError", "ModelNotServedError", "Progress",
     "ServerBusyError", "ServerError", "ServerUnavailableError", "StoreError", "TemporarilyUnavailableError",
-    "UnknownServerError",
+    "UnauthenticatedError", "UnknownCapabilityError", "UnknownServerError",
 ]

@@ -25,6 +25,7 @@ from .errors import CapabilityError, GenerationCancelledError, StoreError
 from .generation import Generation, TextToImage
 from .servers import ServerKeys
 from .store import STORE_FILE, STORE_VARIABLE, Store, open_store, sqlite_path, store_url
+from .tokens import Token, Tokens
 
 
 def _positive(text: str) -> int:
@@ -63,6 +64,19 @@ def _moment(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``15m``, ``12h``, ``30d`` or ``1w``."""
+    age = _AGE.fullmatch(text)
+    try:
+        seconds = float(age["amount"]) * _UNIT_SECONDS[age["unit"]] if age else float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a duration like 3600 (seconds), 90s, 15m, "
+                                         "12h, 30d or 1w")
+    return seconds
 
 
 def _add_audit_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -138,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show a progress bar on stderr (the model's streaming variant, over gRPC); "
                                "Ctrl-C then cancels the generation on the server")
     _add_store_parser(commands)
+    _add_token_parser(commands, [common, acting])
+    _add_serve_parser(commands, common)
     register = commands.add_parser("register-server", parents=[common],
                                    help="store the inference key of a server not started in this state dir")
     register.add_argument("--url", required=True)
@@ -161,6 +177,45 @@ def _add_store_parser(commands: Any) -> None:
                          help="into a store that keeps no keys (PostgreSQL): write each registered server's key "
                               "here (mode 0600) and register the file's path")
     migrate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_token_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser("token", help="bearer tokens of the HTTP service (admins only)",
+                                description="Bearer tokens with which entities call the HTTP service (serve). Only "
+                                            "the owner of a sys.mint authority (--as ADMIN) manages them.")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    issue = token_commands.add_parser("issue", parents=parents,
+                                      help="issue a token to an entity; it is printed once, and only its digest kept")
+    issue.add_argument("--entity", dest="entity_to_issue", required=True, metavar="ENTITY",
+                       help="who the token speaks for")
+    issue.add_argument("--expires-in", type=_duration, default=_duration("90d"), metavar="DURATION",
+                       help="3600 (seconds), 90s, 15m, 12h, 30d or 1w; at most about five years (default: 90d)")
+    revoke = token_commands.add_parser("revoke", parents=parents, help="refuse a token from now on")
+    revoke.add_argument("--token", required=True, metavar="ID", help="its id, as token list shows it")
+    listing = token_commands.add_parser("list", parents=parents, help="the tokens issued (never their secrets)")
+    listing.add_argument("--entity", dest="entity_filter", metavar="ENTITY", help="only this entity's")
+
+
+def _add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser(
+        "serve", parents=[common], help="the HTTP service: the capability layer for any language, and a web page",
+        description="Serve the capability layer over HTTP (docs/service.md): prints READY URL when it serves, stops "
+                    "cleanly on SIGTERM or Ctrl-C (running requests finish first).")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to bind (default: %(default)s, loopback only; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8080, help="(default: %(default)s; 0: any free port)")
+    serve.add_argument("--max-body-bytes", type=_positive, default=64 * 1024, metavar="N",
+                       help="larger request bodies are refused before they are read (default: %(default)s)")
+    serve.add_argument("--trusted-header", metavar="NAME",
+                       help="believe this header as the entity, from --trusted-proxy addresses only (an "
+                            "authenticating proxy in front); off by default")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="an address or network allowed to send --trusted-header (repeat for several)")
+    serve.add_argument("--forwarded-allow-ips", action="append", default=[], metavar="CIDR",
+                       help="proxies in front (an ingress) whose X-Forwarded-For names the client, so that failed "
+                            "authentications are counted per client, not per proxy (repeat for several)")
+    serve.add_argument("--graceful-seconds", type=float, default=60.0, metavar="S",
+                       help="on SIGTERM, how long running requests may finish (default: %(default)s)")
 
 
 def _restrictions(arguments: argparse.Namespace, capabilities: Capabilities) -> dict[str, Any]:
@@ -304,9 +359,31 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _token(arguments: argparse.Namespace, capabilities: Capabilities) -> Result:
+    tokens = Tokens(capabilities.store)
+    if arguments.token_command == "issue":  # noqa: S105 - a subcommand's name
+        issued = tokens.issue(arguments.entity, arguments.entity_to_issue, arguments.expires_in)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued.described.expires_at or 0))
+        return ({"token": issued.token, **issued.described.as_dict()},
+                f"{issued.token}\n(token {issued.described.id} for {issued.described.entity}, expires {expires}; "
+                "shown this once: only its digest is kept)")
+    if arguments.token_command == "revoke":  # noqa: S105 - a subcommand's name
+        revoked = tokens.revoke(arguments.entity, arguments.token)
+        return revoked.as_dict(), f"revoked token {revoked.id} of {revoked.entity}"
+    listed = tokens.list(arguments.entity, arguments.entity_filter)
+    return [token.as_dict() for token in listed], "\n".join(_describe_token(token) for token in listed)
+
+
+def _describe_token(token: Token) -> str:
+    def when(moment: float | None) -> str:
+        return "never" if moment is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+    state = "revoked" if token.revoked_at is not None else f"expires {when(token.expires_at)}"
+    return f"{token.id} entity={token.entity} issued-by={token.issued_by} issued {when(token.created_at)} {state}"
+
+
 COMMANDS = {
     "init": _init, "mint": _mint, "delegate": _delegate, "give": _give, "revoke": _revoke, "show": _show,
-    "list": _list, "audit": _audit, "register-server": _register_server, "generate": _generate,
+    "list": _list, "audit": _audit, "register-server": _register_server, "generate": _generate, "token": _token,
 }
 
 
@@ -315,6 +392,15 @@ def run(arguments: argparse.Namespace) -> Result:
     if arguments.command == "store":
         return _migrate(arguments)
     store = _open_store(arguments)
+    if arguments.command == "serve":
+        try:
+            from .service.server import serve
+        except ImportError as error:
+            store.close()
+            raise SystemExit(f"error: the HTTP service needs the [service] extra ({error}): pip install "
+                             "'triton-diffusers[service]'") from None
+        serve(arguments, store)  # closes the store
+        return None, ""
     try:
         return COMMANDS[arguments.command](arguments, Capabilities(store))
     finally:
@@ -362,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # both stores raise StoreError for their own failures (above)
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2) if arguments.json else text)
+    if arguments.command != "serve":
+        print(json.dumps(result, indent=2) if arguments.json else text)
     return 0
 
 

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from inference_client.contract import describe_value
 
-from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError
+from .errors import ConcurrencyLimitError, DeniedError, InvalidParamsError, UnknownCapabilityError
 from .store import Cursor, Db, Store
 
 GENERATE = "diffusers.generate"
@@ -341,7 +341,7 @@ class Capabilities:
             capability = self._find(db, capability_id)
             owners = {link.owner for link in self._chain(db, capability)} if capability else set()
             if capability is None or entity not in owners:
-                raise DeniedError(f"capability {describe_value(capability_id)} is neither held by "
+                raise UnknownCapabilityError(f"capability {describe_value(capability_id)} is neither held by "
                                   f"{describe_value(entity)} nor below a capability it holds")
             subtree = [row["id"] for row in db.execute(
                 """WITH RECURSIVE subtree(id) AS (
@@ -373,7 +373,8 @@ class Capabilities:
         capability = self._find(db, capability_id)
         with self._recording_denials(entity, capability_id, "audit"):
             if capability is None or entity not in {link.owner for link in self._chain(db, capability)}:
-                raise DeniedError(f"capability {describe_value(capability_id)} is not held by {describe_value(entity)}")
+                raise UnknownCapabilityError(f"capability {describe_value(capability_id)} is not held by "
+                                             f"{describe_value(entity)}")
         rows = db.execute("SELECT * FROM audit WHERE capability_id = ? ORDER BY id", (capability_id,))
         return [dict(row) for row in rows]
 
@@ -398,7 +399,7 @@ class Capabilities:
             capability = self._find(db, capability_id)
             with self._recording_denials(reader, capability_id, "audit"):
                 if capability is None or reader not in {link.owner for link in self._chain(db, capability)}:
-                    raise DeniedError(f"capability {describe_value(capability_id)} is not held by "
+                    raise UnknownCapabilityError(f"capability {describe_value(capability_id)} is not held by "
                                       f"{describe_value(reader)}")
         if not all(_is_utf8(text) for text in (reader, entity, action, outcome) if isinstance(text, str)):
             return []  # SQLite cannot bind a lone surrogate, and no stored name holds one
@@ -556,7 +557,7 @@ class Capabilities:
         capability = self._find(db, capability_id, loaded)
         # One message for "no such id" and "someone else's": ids are not to be probed for.
         if capability is None or capability.owner != entity:
-            raise DeniedError(f"cannot {verb} capability {describe_value(capability_id)}: it is not held by "
+            raise UnknownCapabilityError(f"cannot {verb} capability {describe_value(capability_id)}: it is not held by "
                               f"{describe_value(entity)}")
         return capability
 

@@ -21,6 +21,16 @@ class DeniedError(CapabilityError):
     """The acting entity may not do this with this capability (not its owner, revoked, expired, beyond a limit)."""
 
 
+class UnknownCapabilityError(DeniedError):
+    """No such capability, or not the acting entity's (nor below one it holds): one answer for both, so that
+    capability ids cannot be probed for."""
+
+
+class UnauthenticatedError(CapabilityError):
+    """The HTTP service cannot tell who is calling: no bearer token, or one that is malformed, unknown, revoked
+    or expired (the message never contains the token)."""
+
+
 class ConcurrencyLimitError(DeniedError):
     """``max_concurrent`` generations are already running under this capability or one of its ancestors."""
 

@@ -105,9 +105,25 @@ MIGRATIONS: tuple[str, ...] = (
         grpc_address TEXT
     );
     """,
+    # 2: bearer tokens of the HTTP service (capability.tokens), as digests only.
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        issued_by TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE INDEX tokens_by_entity ON tokens(entity);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "servers"})
+"""The tables every store has from schema version 1 on."""
+TABLES_SINCE = {"tokens": 2}
+"""Tables added by later migrations, and the schema version that added them."""
 
 
 class PostgresStore(Store):
@@ -184,7 +200,8 @@ class PostgresStore(Store):
                 raise StoreError(f"database {self.url} holds tables named {', '.join(sorted(tables & STORE_TABLES))} "
                                  "but no capability schema version: they are not a capability store's, and were "
                                  "left unchanged; use another database (or schema) for the store")
-            missing = STORE_TABLES - tables
+            required = STORE_TABLES | {table for table, since in TABLES_SINCE.items() if version >= since}
+            missing = required - tables
             if version > 0 and missing:
                 raise StoreError(f"capability store {self.url} (schema version {version}) lacks the tables "
                                  f"{', '.join(sorted(missing))}: restore it from a backup")

@@ -90,7 +90,9 @@ class ServerKeys:
         """Register the server at ``server_url`` with the key in ``key_file``: the key itself in a store that may
         keep secrets (SQLite), else the file's absolute path, which every host must then be able to read."""
         url = canonical_server_url(server_url)
-        key_file = key_file.resolve()
+        # absolute(), not resolve(): a Kubernetes Secret's file is a chain of links whose target (..<timestamp>/KEY)
+        # differs on every pod and vanishes when the Secret is rotated; the mounted path is what every host shares.
+        key_file = key_file.absolute()
         key = _read_key_file(key_file, url)
         if grpc_address is not None:
             grpc_address = canonical_grpc_address(grpc_address, url)

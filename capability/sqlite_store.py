@@ -86,10 +86,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE servers ADD COLUMN grpc_address TEXT;
     """,
+    # 3: bearer tokens of the HTTP service (capability.tokens), as digests only.
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        issued_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX tokens_by_entity ON tokens(entity);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 STORE_TABLES = frozenset({"capabilities", "leases", "lease_budgets", "audit", "servers"})
-"""The tables every store at :data:`SCHEMA_VERSION` has: a file without them is not a capability store."""
+"""The tables every store has from schema version 1 on: a file without them is not a capability store."""
+TABLES_SINCE = {"tokens": 3}
+"""Tables added by later migrations, and the schema version that added them."""
 
 
 class SQLiteStore(Store):
@@ -233,7 +248,7 @@ class SQLiteStore(Store):
                 f"the tables {', '.join(sorted(tables))}): it was left unchanged; point --state-dir at the "
                 "right directory, or move the file aside to start an empty store"
             )
-        missing = STORE_TABLES - tables
+        missing = tables_at(version) - tables
         if version > 0 and missing:
             raise StoreError(
                 f"{self.path} says it is a capability store (schema version {version}) but lacks the tables "
@@ -355,3 +370,8 @@ def _statements(script: str) -> list[str]:
     # Our DDL has no semicolons inside literals.
     lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def tables_at(version: int) -> frozenset[str]:
+    """The tables a store at schema ``version`` must have."""
+    return STORE_TABLES | {table for table, since in TABLES_SINCE.items() if version >= since}

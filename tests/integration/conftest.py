@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from capability import CapabilityLayer
+from capability.tokens import Tokens
 from inference_client import contract, triton
 from triton_launcher.repository import build_tiny_repository
 from triton_launcher.server import ServerOptions, TritonServer, loopback_options
+from workbench.service import ServiceProcess
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 TINY_MODELS = tuple(f"tiny-{family}" for family in FAMILIES)
@@ -62,3 +65,38 @@ def generator(tiny_server: TritonServer) -> Iterator[Generator]:
     generator = Generator(tiny_server)
     yield generator
     generator.client.close()
+
+
+class ServiceUnderTest:
+    """The capability service (a real process) on the tiny server's store, with an admin who issues tokens and
+    mints capabilities for the tests."""
+
+    ADMIN = "service-admin"
+
+    def __init__(self, process: ServiceProcess, layer: CapabilityLayer, server: TritonServer) -> None:
+        self.process = process
+        self.layer = layer
+        self.server = server
+        self.authority_id = layer.create_authority(self.ADMIN).id
+        self.tokens = Tokens(layer.store)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def token_for(self, entity: str, expires_in_s: float = 3600.0) -> str:
+        return self.tokens.issue(self.ADMIN, entity, expires_in_s).token
+
+    def mint(self, entity: str, **params: Any) -> str:
+        """A diffusers.generate capability on the tiny server, held by ``entity``; its id."""
+        minted = self.layer.mint(self.ADMIN, self.authority_id, {"server_url": self.server.url, **params})
+        return minted.give(entity).id if entity != self.ADMIN else minted.id
+
+
+@pytest.fixture(scope="session")
+def capability_service(tiny_server: TritonServer, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[ServiceUnderTest]:
+    state_dir = tiny_server.options.state_dir
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    with CapabilityLayer(state_dir) as layer, ServiceProcess(state_dir, log) as process:
+        yield ServiceUnderTest(process, layer, tiny_server)

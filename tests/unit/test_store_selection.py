@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from capability import CapabilityLayer
+from capability import CapabilityLayer, postgres_store
 from capability.errors import StoreError
 from capability.postgres_store import PostgresStore
 from capability.store import STORE_FILE, STORE_VARIABLE, open_store, store_url
@@ -82,7 +82,8 @@ def test_a_schema_newer_than_the_code_is_refused_and_left_as_it_is(postgres: Pos
     PostgresStore(url).close()
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("UPDATE capability_schema SET version = 99")
-    with pytest.raises(StoreError, match="schema version 99, newer than this code's 1: upgrade"):
+    newer = f"schema version 99, newer than this code's {postgres_store.SCHEMA_VERSION}: upgrade"
+    with pytest.raises(StoreError, match=newer):
         PostgresStore(url)
     with psycopg.connect(url, autocommit=True) as connection:
         assert connection.execute("SELECT version FROM capability_schema").fetchone() == (99,)

@@ -1,0 +1,197 @@
+"""The capability service as a real process in front of the real tritonserver: the seed's examples over HTTP,
+progress as server-sent events, cancellation, errors with their statuses, a clean stop, a bounded load."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import ServiceUnderTest
+from workbench.service import EventStream, ServiceProcess, wait_until
+
+# The seed's examples, on the tiny models that stand in for the real ones here, each with a seed so that the
+# image can be compared with the Python API's.
+SEED_EXAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("a beautiful sunset over mountains", {"seed": 7}),
+    ("a futuristic cityscape at night", {"width": 768, "height": 512, "numInferenceSteps": 30, "guidanceScale": 7.5,
+                                         "negativePrompt": "blurry, low quality", "seed": 42}),
+    ("detailed portrait", {"modelId": "tiny-sdxl", "width": 1024, "height": 1024, "seed": 3}),
+    ("a red cube on a table", {"modelId": "tiny-sdxl", "width": 128, "height": 128, "seed": 11}),
+)
+
+
+def generate(service: ServiceUnderTest, token: str, capability: str, prompt: str,
+             options: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+    return service.process.request("POST", f"/v1/capabilities/{capability}/text-to-image", token,
+                                   {"prompt": prompt, "options": options or {}})
+
+
+def slot_is_free(service: ServiceUnderTest, token: str, capability: str) -> bool:
+    status, _, body = generate(service, token, capability, "a blue sphere",
+                               {"width": 64, "height": 64, "numInferenceSteps": 1, "seed": 1})
+    assert status in (200, 429), body
+    return status == 200
+
+
+def test_the_seed_examples_give_the_python_apis_images_for_the_same_seeds(
+        capability_service: ServiceUnderTest) -> None:
+    token = capability_service.token_for("alice")
+    capability = capability_service.mint("alice", default_model="tiny-sd15",
+                                         allowed_models=["tiny-sd15", "tiny-sdxl"])
+    python_api = capability_service.layer.handle("alice", capability)
+    for prompt, options in SEED_EXAMPLES:
+        status, _, result = generate(capability_service, token, capability, prompt, options)
+        assert status == 200, result
+        expected = python_api.text_to_image(prompt, options)
+        assert result == expected
+        image = Image.open(io.BytesIO(base64.b64decode(result["image"])))
+        assert image.format == "PNG"
+        assert image.size == (result["width"], result["height"])
+    restricted = capability_service.mint("alice", default_model="tiny-sd15", allowed_models=["tiny-sd15"])
+    status, _, refusal = generate(capability_service, token, restricted, "a cat", {"modelId": "tiny-flux"})
+    assert (status, refusal["code"]) == (403, "denied")
+    assert "model 'tiny-flux' is not allowed" in refusal["message"]
+
+
+def test_progress_arrives_as_server_sent_events_and_ends_with_the_same_result(
+        capability_service: ServiceUnderTest) -> None:
+    token = capability_service.token_for("carol")
+    capability = capability_service.mint("carol", default_model="tiny-sd15")
+    options = {"width": 64, "height": 64, "numInferenceSteps": 4, "seed": 5}
+    stream = EventStream(capability_service.url, f"/v1/capabilities/{capability}/text-to-image/stream", token,
+                         {"prompt": "a green pyramid", "options": options})
+    try:
+        assert stream.status == 200
+        assert stream.response.getheader("Content-Type", "").startswith("text/event-stream")
+        events = []
+        while (event := stream.next_event())[0]:
+            events.append(event)
+    finally:
+        stream.close()
+    names = [name for name, _ in events]
+    assert names[0] == "started", names
+    assert names[-1] == "result", names
+    assert events[0][1]["generation"].startswith("gen_")
+    progress = [data for name, data in events if name == "progress"]
+    total = progress[-1]["steps"]
+    assert total >= 4  # the scheduler's passes: SD1.5's PNDM makes one more than asked
+    assert [data["stepsDone"] for data in progress] == list(range(1, total + 1))
+    assert {data["steps"] for data in progress} == {total}
+    status, _, plain = generate(capability_service, token, capability, "a green pyramid", options)
+    assert status == 200
+    assert events[-1][1] == plain
+
+
+def test_a_refused_stream_is_an_ordinary_json_error_with_its_status(capability_service: ServiceUnderTest) -> None:
+    token = capability_service.token_for("dave")
+    capability = capability_service.mint("dave", default_model="tiny-sd15", max_width=128)
+    stream = EventStream(capability_service.url, f"/v1/capabilities/{capability}/text-to-image/stream", token,
+                         {"prompt": "a cat", "options": {"width": 256, "height": 64}})
+    try:
+        assert stream.status == 403
+        body = stream.error()
+    finally:
+        stream.close()
+    assert body["code"] == "denied"
+    assert "width=256 exceeds max_width=128" in body["message"]
+
+
+@pytest.mark.parametrize("how", ["delete", "close"])
+def test_a_cancelled_stream_stops_on_the_server_and_frees_the_slot(capability_service: ServiceUnderTest,
+                                                                  how: str) -> None:
+    token = capability_service.token_for(f"erin-{how}")
+    capability = capability_service.mint(f"erin-{how}", default_model="tiny-sd15", max_concurrent=1)
+    stream = EventStream(capability_service.url, f"/v1/capabilities/{capability}/text-to-image/stream", token,
+                         {"prompt": "a long walk", "options": {"width": 64, "height": 64, "numInferenceSteps": 400}})
+    try:
+        assert stream.status == 200
+        started = stream.next_event()
+        assert started[0] == "started"
+        assert stream.next_event()[0] == "progress"
+        # The one slot is held: a second generation is refused while the first runs.
+        status, headers, busy = generate(capability_service, token, capability, "another", {"width": 64,
+                                                                                          "height": 64})
+        assert (status, busy["code"]) == (429, "concurrency_limit")
+        assert headers["retry-after"] == "1"
+        if how == "delete":
+            generation = started[1]["generation"]
+            other = capability_service.token_for("mallory")
+            status, _, body = capability_service.process.request("DELETE", f"/v1/generations/{generation}", other)
+            assert (status, body["code"]) == (404, "unknown_generation")  # not mallory's to cancel
+            status, _, body = capability_service.process.request("DELETE", f"/v1/generations/{generation}", token)
+            assert (status, body) == (202, {"cancelled": generation})
+            while (event := stream.next_event())[0] == "progress":
+                pass
+            assert event[0] == "error"
+            assert event[1]["code"] == "cancelled"
+    finally:
+        stream.close()
+    wait_until(lambda: slot_is_free(capability_service, token, capability), 60, "the slot freed by the cancel")
+    entries = capability_service.layer.capabilities.audit_entries(f"erin-{how}", capability_id=capability,
+                                                                  action="generate")
+    assert [entry["outcome"] for entry in entries][:2] == ["denied", "cancelled"]
+
+
+def test_authentication_errors_name_what_is_wrong_and_never_echo_the_token(
+        capability_service: ServiceUnderTest) -> None:
+    status, headers, body = capability_service.process.request("GET", "/v1/me")
+    assert (status, body["code"]) == (401, "unauthenticated")
+    assert headers["www-authenticate"].startswith("Bearer")
+    token = capability_service.token_for("frank")
+    assert capability_service.process.request("GET", "/v1/me", token)[2] == {"entity": "frank"}
+    revoked = token.split("_")[1]
+    capability_service.tokens.revoke(ServiceUnderTest.ADMIN, revoked)
+    status, _, body = capability_service.process.request("GET", "/v1/me", token)
+    assert (status, body["message"]) == (401, f"token {revoked} is revoked")
+    assert token not in capability_service.process.log()
+
+
+def test_a_bounded_load_through_the_service_loses_nothing_and_the_audit_is_complete(
+        capability_service: ServiceUnderTest) -> None:
+    token = capability_service.token_for("grace")
+    capability = capability_service.mint("grace", default_model="tiny-sd15", max_concurrent=8)
+    requests = 24
+
+    def one(index: int) -> tuple[int, Any]:
+        status, _, body = generate(capability_service, token, capability, f"load {index}",
+                                   {"width": 64, "height": 64, "numInferenceSteps": 2, "seed": index})
+        return status, body
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(requests)))
+    assert [status for status, _ in answers] == [200] * requests, [body for status, body in answers if status != 200]
+    assert sorted(body["seed"] for _, body in answers) == list(range(requests))
+    entries = capability_service.layer.capabilities.audit_entries("grace", capability_id=capability,
+                                                                  action="generate")
+    assert [entry["outcome"] for entry in entries] == ["ok"] * requests
+
+
+def test_sigterm_during_a_stream_exits_0_and_frees_the_slot(capability_service: ServiceUnderTest,
+                                                           tmp_path: Path) -> None:
+    server = capability_service.server
+    token = capability_service.token_for("heidi")
+    capability = capability_service.mint("heidi", default_model="tiny-sd15", max_concurrent=1)
+    process = ServiceProcess(server.options.state_dir, tmp_path / "service.log",
+                             extra_arguments=("--graceful-seconds", "1")).start()
+    try:
+        stream = EventStream(process.url, f"/v1/capabilities/{capability}/text-to-image/stream", token,
+                             {"prompt": "a long walk", "options": {"width": 64, "height": 64,
+                                                                   "numInferenceSteps": 400}})
+        assert stream.next_event()[0] == "started"
+        assert stream.next_event()[0] == "progress"
+        process.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert process.stop() == 0, process.log()
+        stream.close()
+    finally:
+        process.kill()
+    assert slot_is_free(capability_service, token, capability)
+    entries = capability_service.layer.capabilities.audit_entries("heidi", capability_id=capability,
+                                                                  action="generate")
+    assert entries[0]["outcome"] == "cancelled"
