@@ -167,8 +167,8 @@ def _add_store_parser(commands: Any) -> None:
     store = commands.add_parser("store", help="the store itself: migrate it into another")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
     migrate = store_commands.add_parser(
-        "migrate", help="copy capabilities, audit and servers (not live leases) into another store, e.g. SQLite into "
-                        "PostgreSQL; checks counts and a content digest; safe to run twice")
+        "migrate", help="copy capabilities, audit, servers and tokens (not live leases) into another store, e.g. "
+                        "SQLite into PostgreSQL; checks counts and a content digest; safe to run twice")
     migrate.add_argument("--from", dest="source", required=True, metavar="URL", help="the store to copy")
     migrate.add_argument("--to", dest="target", required=True, metavar="URL", help="the store to copy into")
     migrate.add_argument("--force", action="store_true",

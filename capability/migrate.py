@@ -1,8 +1,9 @@
 """Moving a capability store to another (``python -m capability store migrate --from URL --to URL``): typically
 the SQLite file of one host into the PostgreSQL database that many hosts will share.
 
-Capabilities, the audit log and the registered servers are copied, with their ids (audit entries keep their order);
-live concurrency leases are not: a lease belongs to a generation running now, and the source should be idle.
+Capabilities, the audit log, the registered servers and the service's bearer tokens (their digests) are copied,
+with their ids (audit entries keep their order); live concurrency leases are not: a lease belongs to a
+generation running now, and the source should be idle.
 The copy is one transaction on the target, checked before it commits: the same number of rows of each kind and
 the same content digest as the source. A target that already holds rows is refused unless ``force`` (which
 replaces them) or unless it already holds exactly the source's content, so running the same migration twice is
@@ -29,7 +30,8 @@ from .store import Db, Store
 CAPABILITY_COLUMNS = ("id", "type", "owner", "params", "parent_id", "created_at", "expires_at", "revoked_at")
 AUDIT_COLUMNS = ("id", "at", "entity", "capability_id", "action", "outcome", "model", "width", "height", "steps",
                  "detail")
-TABLES = ("capabilities", "audit", "servers")
+TOKEN_COLUMNS = ("id", "digest", "entity", "issued_by", "created_at", "expires_at", "revoked_at")
+TABLES = ("capabilities", "audit", "servers", "tokens")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ def migrate(source: Store, target: Store, *, force: bool = False, key_dir: Path 
     capabilities = _ordered_capabilities(_rows(source_db, "capabilities", CAPABILITY_COLUMNS, "id"))
     audit = _rows(source_db, "audit", AUDIT_COLUMNS, "id")
     servers = _servers(source, source_db)
-    counts = {"capabilities": len(capabilities), "audit": len(audit), "servers": len(servers)}
-    digest = content_digest(capabilities, audit, _without_keys(servers))
+    tokens = _rows(source_db, "tokens", TOKEN_COLUMNS, "id")
+    counts = {"capabilities": len(capabilities), "audit": len(audit), "servers": len(servers), "tokens": len(tokens)}
+    digest = content_digest(capabilities, audit, _without_keys(servers), tokens)
 
     with target.write() as db:
         held = {table: _count(db, table) for table in TABLES}
@@ -67,11 +70,12 @@ def migrate(source: Store, target: Store, *, force: bool = False, key_dir: Path 
                     f"the target store {target.url} is not empty ({_described(held)}) and holds other content than "
                     f"{source.url}: nothing was copied; migrate into an empty store, or give --force to replace "
                     "what it holds")
-            for table in ("lease_budgets", "leases", "audit", "servers", "capabilities"):
+            for table in ("lease_budgets", "leases", "audit", "servers", "tokens", "capabilities"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - our own table names
         _insert_all(db, target.dialect, "capabilities", CAPABILITY_COLUMNS, capabilities)
         _insert_all(db, target.dialect, "audit", AUDIT_COLUMNS, audit, keep_identity=True)
         _copy_servers(target, db, servers, key_dir)
+        _insert_all(db, target.dialect, "tokens", TOKEN_COLUMNS, tokens)
         if target.dialect == "postgresql":
             # The identity column continues after the copied ids (PostgreSQL does not move it on explicit ids).
             db.execute("SELECT setval(pg_get_serial_sequence('audit', 'id'), COALESCE(MAX(id), 0) + 1, false) "
@@ -85,19 +89,21 @@ def migrate(source: Store, target: Store, *, force: bool = False, key_dir: Path 
 
 
 def content_digest(capabilities: list[dict[str, Any]], audit: list[dict[str, Any]],
-                   servers: list[dict[str, Any]]) -> str:
+                   servers: list[dict[str, Any]], tokens: list[dict[str, Any]]) -> str:
     """SHA-256 over the rows in a canonical form (sorted by id; floats by repr: both stores keep IEEE doubles)."""
     hasher = hashlib.sha256()
-    for name, rows, key in (("capabilities", capabilities, "id"), ("audit", audit, "id"), ("servers", servers, "url")):
+    for name, rows, key in (("capabilities", capabilities, "id"), ("audit", audit, "id"), ("servers", servers, "url"),
+                            ("tokens", tokens, "id")):
         hasher.update(name.encode())
         for row in sorted(rows, key=lambda row: row[key]):
             hasher.update(json.dumps(row, sort_keys=True, default=repr).encode())
     return hasher.hexdigest()
 
 
-def _content(store: Store, db: Db) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def _content(store: Store, db: Db) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                                             list[dict[str, Any]]]:
     return (_rows(db, "capabilities", CAPABILITY_COLUMNS, "id"), _rows(db, "audit", AUDIT_COLUMNS, "id"),
-            _without_keys(_servers(store, db)))
+            _without_keys(_servers(store, db)), _rows(db, "tokens", TOKEN_COLUMNS, "id"))
 
 
 def _without_keys(servers: list[dict[str, Any]]) -> list[dict[str, Any]]:

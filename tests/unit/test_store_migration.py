@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from capability.capabilities import Capabilities
-from capability.errors import DeniedError
+from capability.errors import DeniedError, UnauthenticatedError
 from capability.servers import ServerKeys
 from capability.sqlite_store import SQLiteStore
 from capability.store import STORE_FILE, Store, open_store
+from capability.tokens import Tokens
 from workbench.postgres import PostgresServer
 
 SERVER = "http://127.0.0.1:8000"
@@ -44,7 +45,12 @@ def history(store: Store, key_file: Path) -> dict[str, str]:
     with pytest.raises(DeniedError):
         capabilities.authorize("mallory", kept)
     ServerKeys(store, None).register("http://gpu:8000", key_file, grpc_address="gpu:8001")
-    return {"authority": authority, "minted": minted, "kept": kept, "dropped": dropped}
+    tokens = Tokens(store)
+    token = tokens.issue("ops", "alice", 3600).token
+    withdrawn = tokens.issue("ops", "bob", 3600)
+    tokens.revoke("ops", withdrawn.described.id)
+    return {"authority": authority, "minted": minted, "kept": kept, "dropped": dropped, "token": token,
+            "withdrawn": withdrawn.token}
 
 
 def rows(store: Store, sql: str) -> list[dict[str, Any]]:
@@ -73,7 +79,7 @@ def test_a_sqlite_store_moves_into_postgresql_whole_and_a_second_run_finds_it_do
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert report["copied"] is True
-    assert report["counts"] == {"capabilities": 4, "audit": len(audit_before), "servers": 1}
+    assert report["counts"] == {"capabilities": 4, "audit": len(audit_before), "servers": 1, "tokens": 2}
 
     again = migrate("--from", f"sqlite://{source_path}", "--to", target_url, "--key-dir", str(key_dir))
     assert again.returncode == 0, again.stderr
@@ -91,6 +97,11 @@ def test_a_sqlite_store_moves_into_postgresql_whole_and_a_second_run_finds_it_do
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert ServerKeys(target, None).key_for("http://gpu:8000") == "the-key-of-the-gpu-server-0001"
     assert "the-key-of-the-gpu-server-0001" not in json.dumps(rows(target, "SELECT * FROM servers"))
+    # The service's tokens moved as digests: the one issued still opens, the revoked one still does not.
+    assert Tokens(target).authenticate(ids["token"]) == "alice"
+    with pytest.raises(UnauthenticatedError, match="is revoked"):
+        Tokens(target).authenticate(ids["withdrawn"])
+    assert ids["token"] not in json.dumps(rows(target, "SELECT * FROM tokens"))
     # New entries follow the copied ones (the denial above was one).
     capabilities.record("ops", ids["minted"], "generate", "ok", detail="after the move")
     after = rows(target, "SELECT id, detail FROM audit ORDER BY id")
