@@ -15,6 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
+import pytest
+
 from capability import CapabilityLayer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +65,8 @@ def bootstrap_typescript() -> None:
     script = 'source "$1/scripts/lib/typescript.sh" && bootstrap_typescript "$1"'
     completed = subprocess.run(["bash", "-c", script, "bootstrap", str(ROOT)], capture_output=True, text=True,
                                timeout=BOOTSTRAP_TIMEOUT_S, check=False)
-    assert completed.returncode == 0, f"bootstrap_typescript failed:\n{completed.stdout}{completed.stderr}"
+    if completed.returncode != 0:
+        pytest.fail(f"bootstrap_typescript failed:\n{completed.stdout}{completed.stderr}", pytrace=False)
 
 
 def python_results(service: CapabilityServiceFixture) -> dict[str, Any]:
@@ -108,7 +111,8 @@ def test_typescript_client_against_the_real_service(capability_service: Capabili
          "--test-reporter=tap", f"--test-reporter-destination={tap}", *tests],
         cwd=CLIENT, env=env, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=False)
     output = f"{completed.stdout}{completed.stderr}"
-    assert completed.returncode == 0, f"node --test failed:\n{output}"
+    if completed.returncode != 0:
+        pytest.fail(f"node --test exited {completed.returncode}:\n{output}", pytrace=False)
     # Exit 0 alone would also pass if the service's tests had skipped themselves.
     report = tap.read_text(encoding="utf-8")
     assert "# SKIP" not in report, f"node --test skipped tests:\n{output}"
