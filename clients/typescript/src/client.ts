@@ -194,7 +194,8 @@ interface StreamControls {
 /**
  * One generation on the streaming endpoint. An abort asks the service to stop (DELETE, once the generation's id
  * is known) and keeps reading until the stream confirms, so that the capability's slot is free when the promise
- * settles; after `cancelWaitMs` without that confirmation the connection is closed, which stops it too.
+ * settles; if the DELETE is refused, or no confirmation comes within `cancelWaitMs`, the connection is closed,
+ * which stops it too.
  */
 async function streamGeneration(service: CapabilityService, path: string, body: unknown,
   controls: StreamControls): Promise<TextToImageResult> {
@@ -206,8 +207,9 @@ async function streamGeneration(service: CapabilityService, path: string, body: 
   const sendCancel = (): void => {
     if (generation !== undefined && !cancelSent) {
       cancelSent = true;
-      // Best effort: a 404 means it has just finished; closing the connection is the fallback either way.
-      service.cancel(generation).catch(() => undefined);
+      // Refused (a 404 from another instance behind a load balancer, or it has just finished): close the
+      // connection instead, which stops the work on the instance that runs it, though without a confirmation.
+      service.cancel(generation).catch(() => connection.abort());
     }
   };
   const onAbort = (): void => {

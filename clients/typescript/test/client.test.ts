@@ -251,22 +251,30 @@ describe("streaming", () => {
     await assert.rejects(pending, (error: unknown) => error === reason);
   });
 
-  test("without the service's confirmation an abort closes the connection after cancelWaitMs", async () => {
-    const stream = liveStream();
-    const { fetch, sent } = scripted((request) => {
-      request.signal?.addEventListener("abort", () => stream.fail(new DOMException("aborted", "AbortError")));
-      return stream.response;
-    }, () => json(404, { status: 404, code: "unknown_generation", message: "no such generation" }));
-    const controller = new AbortController();
-    const service = new CapabilityService({ baseUrl: "http://service.test", fetch, cancelWaitMs: 50 });
-    const pending = service.capability("c").textToImage("a cat", { signal: controller.signal });
-    stream.send("started", { generation: "gen_3", model: "tiny-sd15" });
-    await new Promise((resolve) => setTimeout(resolve, 20));
-    controller.abort();
-    await assert.rejects(pending, (error: unknown) => error instanceof Error && error.name === "AbortError");
-    assert.equal(sent[0]?.signal?.aborted, true, "the connection was left open");
-    await stream.closed;
-  });
+  for (const [why, deleteAnswer, cancelWaitMs] of [
+    ["the service does not confirm within cancelWaitMs", { status: 202, code: "", message: "" }, 50],
+    ["the DELETE is refused (another instance)", { status: 404, code: "unknown_generation", message: "not here" }, 60_000],
+  ] as const) {
+    test(`an abort closes the connection when ${why}`, async () => {
+      const stream = liveStream();
+      const { fetch, sent } = scripted((request) => {
+        request.signal?.addEventListener("abort", () => stream.fail(new DOMException("aborted", "AbortError")));
+        return stream.response;
+      }, () => (deleteAnswer.status === 202 ? json(202, { cancelled: "gen_3" }) : json(404, deleteAnswer)));
+      const controller = new AbortController();
+      const service = new CapabilityService({ baseUrl: "http://service.test", fetch, cancelWaitMs });
+      const pending = service.capability("c").textToImage("a cat", { signal: controller.signal });
+      stream.send("started", { generation: "gen_3", model: "tiny-sd15" });
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const abortedAt = Date.now();
+      controller.abort();
+      await assert.rejects(pending, (error: unknown) => error instanceof Error && error.name === "AbortError");
+      assert.ok(Date.now() - abortedAt < 5_000, "waited for a confirmation that could not come");
+      assert.equal(sent[1]?.method, "DELETE");
+      assert.equal(sent[0]?.signal?.aborted, true, "the connection was left open");
+      await stream.closed;
+    });
+  }
 
   test("an already aborted signal rejects before anything is sent", async () => {
     const { fetch, sent } = scripted();
