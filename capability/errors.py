@@ -95,3 +95,8 @@ class ModelNotServedError(ServerError):
 class GenerationError(ServerError):
     """The server refused or failed the generation; the message is the server's."""
 
+
+class RequestRefusedError(GenerationError):
+    """The model refused the request as invalid for it (one of its own rules: SD3 and FLUX sizes are multiples of
+    16, a model's step limit): nothing was generated; the message names the option, the value and the rule."""
+

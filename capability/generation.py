@@ -26,6 +26,7 @@ from .errors import (
     DeniedError,
     GenerationCancelledError,
     InvalidOptionError,
+    RequestRefusedError,
     TemporarilyUnavailableError,
 )
 from .png import encode_png_base64
@@ -276,7 +277,7 @@ class TextToImage:
                 result = {"image": encode_png_base64(generated.image), "width": width, "height": height,
                           "format": "png", "seed": generated.seed, "model": model_id}
             except CapabilityError as error:
-                outcome = ("denied" if isinstance(error, (DeniedError, InvalidOptionError))
+                outcome = ("denied" if isinstance(error, (DeniedError, InvalidOptionError, RequestRefusedError))
                            else "cancelled" if isinstance(error, GenerationCancelledError) else "failed")
                 self._finish(lease, {**audit, "outcome": outcome, "detail": str(error)})
                 lease = None

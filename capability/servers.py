@@ -36,6 +36,7 @@ from .errors import (
     GenerationError,
     InvalidParamsError,
     ModelNotServedError,
+    RequestRefusedError,
     ServerBusyError,
     ServerError,
     ServerUnavailableError,
@@ -279,7 +280,9 @@ class TritonGateway:
             return ServerBusyError(f"{self.url} is busy: {reason}; retry later")
         if _STUB_DIED in message:
             return TemporarilyUnavailableError(_unavailable(self.url, message))
-        return GenerationError(f"the server refused the request: {_as_options(message)}")
+        if _INVALID in message:  # the model's own check (INVALID_ARG), worded as every refusal is
+            return RequestRefusedError(f"the server refused the request: {_as_options(message)}")
+        return GenerationError(f"the server failed the request: {_as_options(message)}")
 
     def _fetch_models(self) -> ServedModels:
         def fetch(client: Any, key: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -337,8 +340,8 @@ class TritonGateway:
                     continue  # the local server restarted with a new key: read it again, once
                 if status == "403":
                     raise ServerUnavailableError(f"{self.url} refused the inference key: {message}") from None
-                if status == "400":
-                    raise GenerationError(f"the server refused the request: {_as_options(message)}") from None
+                if status == "400":  # the model's INVALID_ARG: its own rules, not a failure
+                    raise RequestRefusedError(f"the server refused the request: {_as_options(message)}") from None
                 if status == "503" and (reason := _queue_refusal(message)) is not None:
                     raise ServerBusyError(f"{self.url} is busy: {reason}; retry later") from None
                 # No answer, a broken one, or a proxy in front of the replicas that got none (502, 504: Triton
@@ -410,6 +413,10 @@ def _without_request_id(message: str) -> str:
     if message.startswith("[request id:"):
         return message.split("] ", 1)[-1]
     return message
+
+
+_INVALID = " is invalid: "
+"""How the model words a refusal of a request (as this layer does): "NAME=VALUE is invalid: RULE"."""
 
 
 def _as_options(message: str) -> str:

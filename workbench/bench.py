@@ -6,6 +6,7 @@ machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", action="store_true",
                         help="two replicas behind the Helm chart's HAProxy: the proxy's added latency, the spread, "
                              "a drain and a kill under load (bench/replicas.json)")
+    parser.add_argument("--service", action="store_true",
+                        help="the HTTP service against the Python API it wraps: added latency at c=1, throughput "
+                             "ratio at c=8 (bench/service.json)")
     parser.add_argument("--iterations", type=int, default=10, help="with --png: timed encodes per image")
     parser.add_argument("--report", action="store_true",
                         help="print the tables of bench/results.json (with knobs and perf_analyzer) and exit")
@@ -100,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.png:
         print_png_table(png_comparison(arguments.iterations))
         return 0
-    if arguments.stores:
-        from .store_bench import main as store_bench
-
-        return store_bench([])
-    if arguments.replicas:
-        from .replica_bench import main as replica_bench
-
-        return replica_bench([])
+    # Benchmarks of their own, each with its own set-up: imported only when asked for.
+    for flag, module in (("stores", "store_bench"), ("service", "service_bench"), ("replicas", "replica_bench")):
+        if getattr(arguments, flag):
+            bench_main: Callable[[list[str]], int] = importlib.import_module(f"{__package__}.{module}").main
+            return bench_main([])
     if arguments.knobs:
         from .knobs import knob_sweep
 

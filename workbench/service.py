@@ -68,11 +68,17 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise RuntimeError(f"the capability service did not stop within {timeout_s} s:\n{self.log()}") from None
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -145,4 +151,11 @@ class EventStream:
                 data.append(value)
 
     def close(self) -> None:
+        self.response.close()
         self.connection.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

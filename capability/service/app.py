@@ -485,9 +485,19 @@ def describe_validation_error(error: RequestValidationError) -> str:
     return f"{field}={describe_value(first.get('input'))} is invalid: {first.get('msg')}"
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """The page's files, revalidated on every load (ETag: a 304 when unchanged), so that after an upgrade a browser
+    never pairs a new index.html with an old app.js."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _add_pages(app: FastAPI) -> None:
     static = resources.files("capability.service") / "static"
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.mount("/static", RevalidatedStaticFiles(directory=str(static)), name="static")
     try:
         import swagger_ui_bundle
 

@@ -20,6 +20,7 @@ from capability.errors import (
     InvalidOptionError,
     InvalidParamsError,
     ModelNotServedError,
+    RequestRefusedError,
     ServerBusyError,
     ServerUnavailableError,
     StoreError,
@@ -48,6 +49,7 @@ ERROR_CLASSES: tuple[tuple[type[CapabilityError], ErrorClass], ...] = (
     (InvalidParamsError, ErrorClass(400, "invalid_params")),
     (UnauthenticatedError, ErrorClass(401, "unauthenticated")),
     (ModelNotServedError, ErrorClass(400, "model_not_served")),
+    (RequestRefusedError, ErrorClass(400, "refused_by_model")),
     (UnknownServerError, ErrorClass(500, "server_not_registered")),
     (ServerBusyError, ErrorClass(503, "server_busy", retry_after_s=1)),
     # A restart reloads every model; the layer has already retried seeded requests for a while.

@@ -58,16 +58,23 @@ unpack_server_wheel(next(pathlib.Path(sys.argv[1]).glob("*.whl")))' "$download"
 
 _ensure_system_packages() {
   # Real services the tests start themselves, from Debian's packages: a throwaway PostgreSQL server
-  # (workbench/postgres.py) and HAProxy in front of Triton replicas (workbench/haproxy.py).
+  # (workbench/postgres.py), HAProxy in front of Triton replicas (workbench/haproxy.py), headless Chromium and its
+  # WebDriver for the service's web page, and Node.js for the TypeScript client.
   local missing=()
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
   command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   ((${#missing[@]})) || return 0
   if [[ $(id -u) == 0 ]]; then
     _log "installing Debian's ${missing[*]} (the tests run them for real)"
-    { apt-get install -y -q "${missing[@]}" || { apt-get update -q && apt-get install -y -q "${missing[@]}"; }; } >&2
+    { apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+      { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }; } >&2
   else
-    _log "missing ${missing[*]}: the tests of the PostgreSQL store and of the proxy need them (sudo apt-get install ${missing[*]})"
+    _log "missing ${missing[*]}: the tests of the PostgreSQL store, the proxy, the web page and the TypeScript" \
+      "client need them (sudo apt-get install ${missing[*]})"
   fi
 }
 

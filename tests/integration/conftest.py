@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class ServiceUnderTest:
         self.server = server
         self.authority_id = layer.create_authority(self.ADMIN).id
         self.tokens = Tokens(layer.store)
+        self._references: dict[str, dict[str, Any]] = {}
 
     @property
     def url(self) -> str:
@@ -86,6 +88,15 @@ class ServiceUnderTest:
 
     def token_for(self, entity: str, expires_in_s: float = 3600.0) -> str:
         return self.tokens.issue(self.ADMIN, entity, expires_in_s).token
+
+    def reference(self, prompt: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The Python API's result for ``prompt`` and ``options`` (with a seed and a ``modelId``), computed once per
+        session: the same image, whichever capability asks, and the seed's large examples take a minute each here."""
+        key = json.dumps([prompt, options], sort_keys=True)
+        if key not in self._references:
+            capability = self.mint(self.ADMIN, default_model=options["modelId"])
+            self._references[key] = self.layer.handle(self.ADMIN, capability).text_to_image(prompt, options)
+        return self._references[key]
 
     def mint(self, entity: str, **params: Any) -> str:
         """A diffusers.generate capability on the tiny server, held by ``entity``; its id."""

@@ -21,10 +21,9 @@ export interface Progress {
   readonly elapsedS: number;
 }
 
-/** The stream's first event: the generation's id (what `DELETE /v1/generations/{id}` takes) and its model. */
+/** The stream's first event: the generation's id (what `DELETE /v1/generations/{id}` takes). */
 export interface GenerationStarted {
   readonly generation: string;
-  readonly model: string;
 }
 
 /** What the client adds to the seed's options: progress and cancellation. */
@@ -88,7 +87,8 @@ export interface CapabilityRecord {
   readonly parent_id: string | null;
   readonly created_at: number;
   readonly expires_at: number | null;
-  readonly revoked_at: number | null;
+  /** Revoked itself, or (for `show`) as it stands in the store; an ancestor's revocation disables it too. */
+  readonly revoked: boolean;
 }
 
 /** Filters of `GET /v1/audit`; `since` and `until` are Unix seconds. */

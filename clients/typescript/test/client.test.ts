@@ -110,7 +110,7 @@ describe("requests", () => {
 
   test("delegate, give and revoke use the documented paths and bodies", async () => {
     const child = { id: "cap_child", type: "diffusers.generate", owner: "alice", params: {}, parent_id: "cap_parent",
-      created_at: 1, expires_at: null, revoked_at: null };
+      created_at: 1, expires_at: null, revoked: false };
     const { fetch, sent } = scripted(
       () => json(201, child),
       () => json(200, { ...child, owner: "bob" }),

@@ -137,11 +137,11 @@ describe("progress and cancellation against the real service", { skip }, () => {
         ...fixture.progress.options,
         onStarted: (started) => {
           assert.match(started.generation, /^gen_/);
-          events.push(`started ${started.model}`);
+          events.push("started");
         },
         onProgress: (progress) => events.push(progress),
       });
-      assert.equal(events[0], "started tiny-sd15");
+      assert.equal(events[0], "started");
       const progress = events.slice(1) as Progress[];
       assert.deepEqual(progress.map((p) => p.stepsDone), fixture.progress.stepsDone);
       const last = progress.at(-1);
@@ -259,7 +259,7 @@ describe("capabilities and refusals against the real service", { skip }, () => {
     assert.deepEqual([...revoked].sort(), [genCap.id, child.id].sort());
     await refused(child.textToImage("a cat", { width: 64, height: 64, numInferenceSteps: 2 }), "denied", 403);
     const shown = await child.show();
-    assert.ok(typeof shown.revoked_at === "number", "revoked_at is not set");
+    assert.equal(shown.revoked, true);
   });
 
   test("the audit log records uses and refusals of the caller's capabilities", { timeout: GENERATION_TIMEOUT_MS }, async () => {
