@@ -49,22 +49,32 @@ class _Server(uvicorn.Server):
                 signal.signal(number, handler)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, for uvicorn to listen on.
+
+    Made with the protocol named (IPPROTO_TCP): asyncio turns Nagle's algorithm off (TCP_NODELAY) only on the
+    connections of sockets whose protocol says TCP, and with it on, every answer waited for the client's delayed
+    acknowledgement: 44 ms per request on Linux, measured by scripts/bench --service."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return listener
+
+
 def serve(arguments: argparse.Namespace, store: Store) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig(max_body_bytes=arguments.max_body_bytes, trusted_header=arguments.trusted_header,
                            trusted_proxies=tuple(arguments.trusted_proxy),
                            forwarded_from=tuple(arguments.forwarded_allow_ips))
-    family = socket.AF_INET6 if ":" in arguments.host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((arguments.host, arguments.port))
-    except OSError as error:
-        listener.close()
-        raise OSError(f"cannot listen on {arguments.host}:{arguments.port}: {error.strerror}") from None
+    listener = listening_socket(arguments.host, arguments.port)
     host, port = listener.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+    url = f"http://[{host}]:{port}" if listener.family == socket.AF_INET6 else f"http://{host}:{port}"
     layer = CapabilityLayer(arguments.state_dir, store=store)
     try:
         app = create_app(layer, config)
