@@ -38,6 +38,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a port number, 0 to 65535 (0: any free port)")
+    return value
+
+
 def _model_list(text: str) -> list[str]:
     models = [model.strip() for model in text.split(",") if model.strip()]
     if not models:
@@ -203,7 +213,7 @@ def _add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                     "cleanly on SIGTERM or Ctrl-C (running requests finish first).")
     serve.add_argument("--host", default="127.0.0.1",
                        help="the address to bind (default: %(default)s, loopback only; 0.0.0.0 in a container)")
-    serve.add_argument("--port", type=int, default=8080, help="(default: %(default)s; 0: any free port)")
+    serve.add_argument("--port", type=_port, default=8080, help="(default: %(default)s; 0: any free port)")
     serve.add_argument("--max-body-bytes", type=_positive, default=64 * 1024, metavar="N",
                        help="larger request bodies are refused before they are read (default: %(default)s)")
     serve.add_argument("--trusted-header", metavar="NAME",

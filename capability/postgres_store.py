@@ -137,12 +137,15 @@ class PostgresStore(Store):
     that every application host can read is no place for the key that opens every GPU server."""
 
     def __init__(self, url: str, *, pool_size: int | None = None,
-                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS, pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
+        """``pool_timeout_s``: how long a caller waits for a connection (while the database is away, say) before
+        StoreError."""
         self.url = _checked_url(url)
+        self.pool_timeout_s = pool_timeout_s
         size = pool_size or _pool_size_from_environment()
         options = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(statement_timeout_ms)}"
         self._pool = ConnectionPool(
-            self.url, min_size=1, max_size=size, open=False, timeout=POOL_TIMEOUT_S, name="capability-store",
+            self.url, min_size=1, max_size=size, open=False, timeout=pool_timeout_s, name="capability-store",
             # A connection that broke (the server restarted) is found before a caller gets it, and replaced.
             check=_check_idle_connection,
             kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S,
@@ -220,7 +223,7 @@ class PostgresStore(Store):
             raise store_error(error, self.url) from error
         except PoolTimeout as error:
             raise StoreError(
-                f"capability store {self.url}: no connection could be had within {POOL_TIMEOUT_S:.0f} s ({error}): "
+                f"capability store {self.url}: no connection could be had within {self.pool_timeout_s:g} s ({error}): "
                 "the database is unreachable or refuses connections, or every pooled connection is busy; check "
                 f"that it runs, or raise {POOL_SIZE_VARIABLE} (and the server's max_connections)") from error
 

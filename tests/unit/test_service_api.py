@@ -234,3 +234,29 @@ def test_the_listening_socket_says_tcp_so_that_asyncio_turns_nagle_off() -> None
         taken.listen()
         with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+: "):
             listening_socket("127.0.0.1", taken.getsockname()[1])
+
+
+def test_readiness_follows_the_store_down_and_back_while_liveness_stays(tmp_path: Path) -> None:
+    """A database that dies and comes back: the instance leaves the rotation (503 with its code) and rejoins, and
+    requests meanwhile get store_unavailable, never an internal error."""
+    from capability.postgres_store import PostgresStore
+    from workbench.postgres import postgres_server
+    from workbench.service import wait_until
+
+    with postgres_server() as server, \
+            CapabilityLayer(tmp_path, store=PostgresStore(server.database(), pool_timeout_s=2)) as layer, \
+            TestClient(create_app(layer, failures=FailedAttempts(clock=lambda: 0.0))) as client:
+        # (the server is this test's own: it stops it)
+        layer.create_authority("ops")
+        token = Tokens(layer.store).issue("ops", "alice", 3600).token
+        assert client.get("/readyz").status_code == 200
+        server.stop()
+        down = client.get("/readyz")
+        assert_problem(down, 503, "store_unavailable")
+        assert down.headers["retry-after"] == "1"
+        assert client.get("/healthz").status_code == 200
+        assert_problem(client.get("/v1/me", headers={"Authorization": f"Bearer {token}"}), 503, "store_unavailable")
+        server.start()
+        # The pool reconnects in the background, with back-off: ready again within a bounded time.
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "readiness after the database came back")
+        assert client.get("/v1/me", headers={"Authorization": f"Bearer {token}"}).json() == {"entity": "alice"}
