@@ -237,12 +237,14 @@ class TextToImage:
     def text_to_image(self, entity: str, capability_id: str, prompt: str,
                       options: Mapping[str, Any] | None = None, *,
                       on_progress: Callable[[Progress], None] | None = None,
-                      cancellation: Cancellation | None = None) -> dict[str, Any]:
+                      cancellation: Cancellation | None = None,
+                      on_accepted: Callable[[], None] | None = None) -> dict[str, Any]:
         """Generate one image; the result is ``{image, width, height, format, seed, model}``.
 
         With ``on_progress`` or ``cancellation`` it runs on the model's streaming variant, over gRPC:
         ``on_progress`` hears of every denoising step, and ``cancellation.cancel()`` (from any thread) stops
-        the server's work after the current step and raises GenerationCancelledError here.
+        the server's work after the current step and raises GenerationCancelledError here. ``on_accepted`` is
+        called once every check has passed and the slot is taken, just before the server is called.
         """
         streaming = on_progress is not None or cancellation is not None
         grant = self.capabilities.authorize(entity, capability_id)  # records its own denials
@@ -268,6 +270,8 @@ class TextToImage:
                 # Re-checks the grant and takes a slot in one transaction, just before the server call.
                 lease = self.capabilities.acquire_slot(entity, capability_id)
                 self.renewer.add(lease, entity, capability_id)
+                if on_accepted is not None:
+                    on_accepted()
                 if streaming:
                     generated = self._when_available(lambda: gateway.generate_streaming(
                         triton_model, request, on_progress, cancellation), retry, cancellation)

@@ -231,6 +231,9 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
                                "description": "events: started, progress (repeated), then result or error"}})
     async def text_to_image_stream(capability_id: str, body: TextToImageRequest, entity: Caller) -> Response:
         generation = generations.start(layer, entity, capability_id, body, limiters["generations"])
+        # Refusals of the layer itself (an option, a denial, a full budget) come before "accepted": they are answered
+        # with their own status. From "accepted" on, the stream runs, and can be cancelled by its id while it waits
+        # in the server's queue.
         first = await generation.next_event()
         if first.kind == "error":
             await generation.finished()
@@ -267,7 +270,8 @@ def _with_expiry(values: dict[str, Any], layer: CapabilityLayer) -> dict[str, An
 @dataclass(frozen=True)
 class Event:
     kind: str
-    """``progress``, ``result`` or ``error``."""
+    """``accepted`` (every check passed, the slot taken: the stream starts), ``progress``, ``result`` or
+    ``error``."""
     value: Any
 
 
@@ -292,7 +296,8 @@ class StreamingGeneration:
             try:
                 result = layer.generator.text_to_image(
                     self.entity, capability_id, body.prompt, body.options, cancellation=self.cancellation,
-                    on_progress=lambda progress: push(Event("progress", progress)))
+                    on_progress=lambda progress: push(Event("progress", progress)),
+                    on_accepted=lambda: push(Event("accepted", None)))
             except Exception as error:  # handed to the stream, which tells the client
                 push(Event("error", error))
             else:
@@ -319,6 +324,8 @@ class StreamingGeneration:
             while True:
                 if event is None:
                     yield ": keep-alive\n\n"
+                elif event.kind == "accepted":
+                    pass  # said by "started"
                 elif event.kind == "progress":
                     yield _sse("progress", _progress(event.value))
                 else:
@@ -326,7 +333,7 @@ class StreamingGeneration:
                     if event.kind == "result":
                         yield _sse("result", event.value)
                     elif isinstance(event.value, CapabilityError):
-                        yield _sse("error", error_body(event.value))
+                        yield _sse("error", error_body(event.value, with_retry_after=True))
                     else:
                         logger.error("generation %s failed", self.id, exc_info=event.value)
                         yield _sse("error", {"status": 500, "code": "internal", "message": "internal error"})

@@ -68,11 +68,14 @@ def classify(error: CapabilityError) -> ErrorClass:
     return INTERNAL
 
 
-def error_body(error: CapabilityError) -> dict[str, Any]:
+def error_body(error: CapabilityError, *, with_retry_after: bool = False) -> dict[str, Any]:
+    """The error's JSON; ``with_retry_after``: with ``retryAfterS`` too, where an event stream has no header."""
     error_class = classify(error)
     body: dict[str, Any] = {"status": error_class.status, "code": error_class.code, "message": str(error)}
     if isinstance(error, InvalidOptionError):
         body["option"] = describe_option_name(error.option)
+    if with_retry_after and error_class.retry_after_s is not None:
+        body["retryAfterS"] = error_class.retry_after_s
     return body
 
 

@@ -260,3 +260,13 @@ def test_readiness_follows_the_store_down_and_back_while_liveness_stays(tmp_path
         # The pool reconnects in the background, with back-off: ready again within a bounded time.
         wait_until(lambda: client.get("/readyz").status_code == 200, 60, "readiness after the database came back")
         assert client.get("/v1/me", headers={"Authorization": f"Bearer {token}"}).json() == {"entity": "alice"}
+
+
+def test_an_event_streams_error_carries_its_retry_after_in_the_body() -> None:
+    from capability.errors import ServerBusyError
+    from capability.service.errors import error_body
+
+    busy = ServerBusyError("http://127.0.0.1:8000 is busy: the queue is full; retry later")
+    assert error_body(busy, with_retry_after=True) == {
+        "status": 503, "code": "server_busy", "message": str(busy), "retryAfterS": 1}
+    assert "retryAfterS" not in error_body(busy)  # a JSON answer has the Retry-After header instead

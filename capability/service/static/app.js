@@ -483,7 +483,8 @@ async function generate() {
         stopProgress(elapsed === null ? "Done." : `Done in ${elapsed.toFixed(1)} s.`);
       } else if (event.name === "error") {
         throw new ServiceError(data.status, data.code, data.message,
-                               { option: typeof data.option === "string" ? data.option : null });
+                               { option: typeof data.option === "string" ? data.option : null,
+                                 retryAfter: typeof data.retryAfterS === "number" ? data.retryAfterS : null });
       }
     }
     if (!finished && !running.cancelled) {

@@ -40,6 +40,8 @@ export interface ErrorBody {
   readonly code: string;
   readonly message: string;
   readonly option?: string;
+  /** In an event stream's error, where no Retry-After header can be. */
+  readonly retryAfterS?: number;
 }
 
 /** Every refusal or failure the service reports. Network failures and aborts keep fetch's own errors. */
@@ -72,8 +74,10 @@ export function isCapabilityServiceError(error: unknown, code?: ErrorCode): erro
 export function errorFromBody(body: unknown, fallbackStatus: number, retryAfterS?: number): CapabilityServiceError {
   if (isErrorBody(body)) {
     const status = typeof body.status === "number" ? body.status : fallbackStatus;
+    // An event stream's error has no Retry-After header: the service puts it in the body instead.
+    const fromBody = typeof body.retryAfterS === "number" ? body.retryAfterS : undefined;
     return new CapabilityServiceError(status, body.code, body.message,
-      { option: typeof body.option === "string" ? body.option : undefined, retryAfterS });
+      { option: typeof body.option === "string" ? body.option : undefined, retryAfterS: retryAfterS ?? fromBody });
   }
   return new CapabilityServiceError(fallbackStatus, "unexpected_response",
     `the service answered ${fallbackStatus} without its error body`, { retryAfterS });
