@@ -40,6 +40,7 @@ from inference_client.contract import Progress, describe_value
 
 from .auth import Authenticator, FailedAttempts, TooManyFailuresError
 from .errors import error_body, error_response, problem
+from .relay import CancelRelay
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +113,20 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
                                   failures=failures)
     generations = RunningGenerations()
     limiters: dict[str, anyio.CapacityLimiter] = {}
+    # Instances sharing a PostgreSQL store pass cancellations of each other's generations along.
+    relay = CancelRelay(layer.store, generations.cancel) if layer.store.dialect == "postgresql" else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         limiters["generations"] = anyio.CapacityLimiter(config.max_generations)
         limiters["other"] = anyio.CapacityLimiter(config.max_threads)
+        if relay is not None:
+            relay.start()
         yield
         # Streams still open when the server stops: stop their work on the Triton server and free their slots.
         await generations.cancel_all_and_wait()
+        if relay is not None:
+            await anyio.to_thread.run_sync(relay.stop)
 
     app = FastAPI(
         title="Capability service", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -246,9 +253,11 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
     @app.delete("/v1/generations/{generation_id}", tags=["generation"], status_code=202,
                 summary="Cancel a running generation of the caller's: the server stops after its current step")
     async def cancel(generation_id: str, entity: Caller) -> Response:
-        if not generations.cancel(entity, generation_id):
+        if not generations.cancel(entity, generation_id) and (
+                relay is None or not await blocking(relay.ask, entity, generation_id)):
+            where = "on any instance" if relay is not None else "here"
             return problem(404, "unknown_generation", f"no generation {describe_value(generation_id)} of "
-                                                      f"{describe_value(entity)} is running on this instance")
+                                                      f"{describe_value(entity)} is running {where}")
         return JSONResponse({"cancelled": generation_id}, status_code=202)
 
     return app

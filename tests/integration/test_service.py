@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from capability import CapabilityLayer
+from capability.servers import ServerKeys
+from capability.tokens import Tokens
+from inference_client.state import INFER_KEY_FILE
 from tests.integration.conftest import ServiceUnderTest
+from workbench.postgres import PostgresServer
 from workbench.service import EventStream, ServiceProcess, wait_until
 
 # Long enough to be caught in the middle (the tiny models allow at most 100 steps), short enough for a test.
@@ -229,3 +234,43 @@ def test_sigterm_during_a_stream_exits_0_and_frees_the_slot(capability_service: 
     entries = capability_service.layer.capabilities.audit_entries("heidi", capability_id=capability,
                                                                   action="generate")
     assert entries[0]["outcome"] == "cancelled"
+
+
+def test_a_delete_that_reaches_another_instance_still_cancels_the_generation(
+        capability_service: ServiceUnderTest, postgres: PostgresServer, tmp_path: Path) -> None:
+    """Two instances on one PostgreSQL store, as behind a load balancer: the stream on one, its DELETE on the other.
+    The other instance asks them all (LISTEN/NOTIFY); the one that runs it cancels it and says so."""
+    server = capability_service.server
+    store_url = postgres.database()
+    with CapabilityLayer(tmp_path, store=store_url) as layer:
+        ServerKeys(layer.store, None).register(server.url, server.options.state_dir / INFER_KEY_FILE,
+                                                grpc_address=f"127.0.0.1:{server.options.grpc_port}")
+        authority = layer.create_authority("ops").id
+        capability = layer.mint("ops", authority, {"server_url": server.url, "default_model": "tiny-sd15",
+                                                   "max_concurrent": 1}).give("ivan").id
+        tokens = Tokens(layer.store)
+        token, mallory = tokens.issue("ops", "ivan", 600).token, tokens.issue("ops", "mallory", 600).token
+        first = ServiceProcess(tmp_path, tmp_path / "first.log", store=store_url).start()
+        second = ServiceProcess(tmp_path, tmp_path / "second.log", store=store_url).start()
+        try:
+            with EventStream(first.url, f"/v1/capabilities/{capability}/text-to-image/stream", token,
+                             {"prompt": "a long walk", "options": LONG_GENERATION}) as stream:
+                started = stream.next_event()
+                assert started[0] == "started"
+                generation = started[1]["generation"]
+                status, _, body = second.request("DELETE", f"/v1/generations/{generation}", mallory)
+                assert (status, body["code"]) == (404, "unknown_generation")  # not mallory's, on any instance
+                assert "on any instance" in body["message"]
+                status, _, body = second.request("DELETE", f"/v1/generations/{generation}", token)
+                assert (status, body) == (202, {"cancelled": generation}), (first.log(), second.log())
+                while (event := stream.next_event())[0] == "progress":
+                    pass
+                assert event[0] == "error"
+                assert event[1]["code"] == "cancelled"
+            assert second.request("DELETE", "/v1/generations/gen_unknown", token)[0] == 404
+        finally:
+            assert first.stop() == 0, first.log()
+            assert second.stop() == 0, second.log()
+        outcomes = [entry["outcome"] for entry in layer.capabilities.audit_entries("ivan", capability_id=capability,
+                                                                                    action="generate")]
+        assert outcomes == ["cancelled"]
