@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,19 @@ def test_the_client_install_mints_delegates_and_generates_against_the_tiny_serve
     assert "width=256 exceeds max_width=128" in refused.stderr
     generations = client_install.json(state, "audit", "--as", "ops", "--action", "generate")
     assert [entry["outcome"] for entry in generations] == ["ok", "ok", "denied"]
+
+
+def test_the_wheel_carries_the_web_page_and_serve_without_the_extra_says_what_to_install(
+    client_install: ClientInstall, tmp_path: Path,
+) -> None:
+    wheel = next((client_install.venv.parent / "wheel").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {"capability/service/static/index.html", "capability/service/static/app.js",
+            "capability/service/static/style.css"} <= names
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    client_install.capability(state, "init", "--admin", "ops")
+    refused = client_install.capability(state, "serve", "--port", "0", expect=1)
+    assert "the HTTP service needs the [service] extra" in refused.stderr
+    assert "pip install 'triton-diffusers[service]'" in refused.stderr
