@@ -131,7 +131,7 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
     app = FastAPI(
         title="Capability service", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="diffusers.generate capabilities over HTTP: text-to-image on Triton, with delegation, "
-                    "revocation, limits and audit. Authenticate with Authorization: Bearer <token>.",
+                    "revocation, limits and audit. Authenticate with `Authorization: Bearer <token>`.",
     )
     app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
     _add_error_handlers(app)
@@ -515,13 +515,11 @@ class RevalidatedStaticFiles(StaticFiles):
 def _add_pages(app: FastAPI) -> None:
     static = resources.files("capability.service") / "static"
     app.mount("/static", RevalidatedStaticFiles(directory=str(static)), name="static")
-    try:
-        import swagger_ui_bundle
-
-        swagger = StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)
-        app.mount("/docs-assets", swagger, name="docs-assets")
+    try:  # Swagger UI's own files, as the fastapi-swagger package carries them (its code is not used)
+        swagger = resources.files("fastapi_swagger") / "resources"
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger)), name="docs-assets")
         has_swagger = True
-    except ImportError:  # pragma: no cover - a pinned dependency of the [service] extra
+    except (ImportError, RuntimeError):  # pragma: no cover - a pinned dependency of the [service] extra
         has_swagger = False
 
     @app.get("/", include_in_schema=False)

@@ -320,3 +320,18 @@ def test_the_token_stays_out_of_the_url_and_in_the_tab_only_when_asked(capabilit
     assert [button.get_attribute("data-capability") for button in buttons] == [capability]
     assert page.limits()["Owner"] == "web-frank"  # the only one: picked
     assert page.console_problems() == []
+
+
+def test_the_interactive_api_documentation_renders_every_route_from_the_service_alone(
+        capability_service: ServiceUnderTest, browser: WebDriver) -> None:
+    """/docs is Swagger UI from the service's own files (no CDN), and it can read the schema FastAPI writes."""
+    browser.get(capability_service.url + "/docs")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, ".opblock") or
+        driver.find_elements(By.CSS_SELECTOR, ".errors-wrapper, .version-pragma"))
+    assert not browser.find_elements(By.CSS_SELECTOR, ".version-pragma"), "Swagger UI cannot read the schema"
+    summaries = {element.text for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/v1/capabilities/{capability_id}/text-to-image", "/v1/generations/{generation_id}",
+            "/v1/capabilities/{capability_id}/delegate"} <= summaries, summaries
+    requests = [str(entry.get("message", "")) for entry in browser.get_log("browser")]  # type: ignore[attr-defined]
+    assert not [message for message in requests if "http" in message and "127.0.0.1" not in message], requests
