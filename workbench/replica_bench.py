@@ -29,7 +29,8 @@ from inference_client import contract, triton
 from triton_launcher.repository import build_tiny_repository
 
 from .loadtest import RESULTS_DIR, machine, run_concurrently
-from .replicas import GRPC_BACKEND, HTTP_BACKEND, LocalCluster, wait_until
+from .replicas import GRPC_BACKEND, HTTP_BACKEND, LocalCluster
+from .waiting import wait_until
 
 MODEL = "tiny-sd15"
 SIDE, STEPS = 64, 2

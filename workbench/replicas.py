@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -245,10 +244,3 @@ class LocalCluster:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-
-def wait_until(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not {what} within {timeout_s:.0f} s")
-        time.sleep(0.05)

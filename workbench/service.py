@@ -13,7 +13,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -103,14 +102,6 @@ class ServiceProcess:
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), json.loads(error.read() or b"null")
 
-
-def wait_until(condition: Any, timeout_s: float, what: str) -> None:
-    """Poll ``condition()`` until true; TimeoutError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
-        time.sleep(0.05)
 
 
 class EventStream:

@@ -28,7 +28,8 @@ pytest.importorskip("helm_python", reason="the chart is rendered by Helm's engin
 if haproxy_binary() is None:
     pytest.skip("no haproxy: scripts/test installs Debian's haproxy package", allow_module_level=True)
 
-from workbench.replicas import GRPC_BACKEND, HTTP_BACKEND, LocalCluster, wait_until
+from workbench.replicas import GRPC_BACKEND, HTTP_BACKEND, LocalCluster
+from workbench.waiting import wait_until
 
 MODEL = "tiny-sd15"
 SPAWN = multiprocessing.get_context("spawn")

@@ -23,7 +23,8 @@ from capability.tokens import Tokens
 from inference_client.state import INFER_KEY_FILE
 from tests.integration.conftest import ServiceUnderTest
 from workbench.postgres import PostgresServer
-from workbench.service import EventStream, ServiceProcess, wait_until
+from workbench.service import EventStream, ServiceProcess
+from workbench.waiting import wait_until
 
 # Long enough to be caught in the middle (the tiny models allow at most 100 steps), short enough for a test.
 LONG_GENERATION = {"width": 512, "height": 512, "numInferenceSteps": 100}

@@ -23,7 +23,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.integration.conftest import ServiceUnderTest
-from workbench.service import wait_until
+from workbench.waiting import wait_until
 
 WAIT_S = 120.0
 """The longest any one wait may take: a generation on the tiny models takes a second or two."""

@@ -241,7 +241,7 @@ def test_readiness_follows_the_store_down_and_back_while_liveness_stays(tmp_path
     requests meanwhile get store_unavailable, never an internal error."""
     from capability.postgres_store import PostgresStore
     from workbench.postgres import postgres_server
-    from workbench.service import wait_until
+    from workbench.waiting import wait_until
 
     with postgres_server() as server, \
             CapabilityLayer(tmp_path, store=PostgresStore(server.database(), pool_timeout_s=2)) as layer, \
