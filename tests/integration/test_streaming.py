@@ -128,8 +128,11 @@ def test_cli_shows_a_progress_bar_and_ctrl_c_cancels_on_the_server(
     assert re.search(r"\[#+\] (\d+)/\1 steps", done.stderr)  # the bar, full at the end
     assert (tmp_path / "kite.png").is_file()
 
+    # Ctrl-C as at a terminal, even where this suite runs in the background: a shell starts background jobs
+    # with SIGINT ignored, which the child would inherit (and Python then never raises KeyboardInterrupt).
     interrupted = subprocess.Popen([*command, "--prompt", "a long kite", "--width", "512", "--height", "512",
-                                    "--steps", "100"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                                    "--steps", "100"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   preexec_fn=_default_sigint)  # noqa: PLW1509 - only a signal disposition
     try:
         assert interrupted.stderr is not None
         shown = b""
@@ -144,6 +147,10 @@ def test_cli_shows_a_progress_bar_and_ctrl_c_cancels_on_the_server(
             interrupted.wait()
     assert interrupted.returncode == 130, (shown + rest).decode(errors="replace")
     assert b"cancelled: cancelled by the caller at step" in shown + rest
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stream_stub(server: TritonServer) -> psutil.Process:
