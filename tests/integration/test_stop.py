@@ -37,6 +37,8 @@ MARGIN_S = 15.0
 """What a stop may take beyond the launcher's own bound: Python's start, the kill, the reaping."""
 LONG_SIDE, LONG_STEPS = 512, 30
 """A generation of several seconds on these CPUs: long enough to still be in flight when the signal comes."""
+MAX_TINY_STEPS = 100
+"""The most steps the tiny models take."""
 
 
 class Launcher:
@@ -129,6 +131,23 @@ def survivors_of(server_pid: int) -> list[psutil.Process]:
     return found
 
 
+def wait_until_generating(launcher: Launcher, cpu_s: float = 0.5) -> None:
+    """Until the model's stub has spent ``cpu_s`` more seconds of CPU than now: a generation is under way (a
+    watchdog probe, 64x64 and one step, costs far less)."""
+    stubs = [child for pid in launcher.server_pids() for child in psutil.Process(pid).children(recursive=True)
+             if f"/{MODEL}/1/model.py" in " ".join(child.cmdline())]
+    assert stubs, f"no stub of {MODEL} under the server:\n{launcher.log()}"
+
+    def spent() -> float:
+        return sum(sum(stub.cpu_times()[:2]) for stub in stubs)
+
+    start = spent()
+    deadline = time.monotonic() + WAIT_S
+    while spent() - start < cpu_s:
+        assert time.monotonic() < deadline, f"{MODEL} did not start generating:\n{launcher.log()}"
+        time.sleep(0.05)
+
+
 def wait_for_a_queued_request(launcher: Launcher) -> None:
     deadline = time.monotonic() + WAIT_S
     while launcher.pending_requests() < 1:
@@ -164,15 +183,20 @@ def launched(request: pytest.FixtureRequest, repository: Path, tmp_path: Path) -
 class Generations:
     """Long generations sent in threads of their own; what each caller got back (an image or an error)."""
 
-    def __init__(self, launcher: Launcher, key: str, count: int) -> None:
+    def __init__(self, launcher: Launcher, key: str, count: int, steps: int = LONG_STEPS) -> None:
         self.outcomes: list[object] = []
+        self.steps = steps
         self.threads = [threading.Thread(target=self._generate, args=(launcher, key, seed)) for seed in range(count)]
-        for thread in self.threads:
+        for index, thread in enumerate(self.threads):
+            if index == 1:
+                # Sent together, two requests can reach an idle model at the same instant and run as one batch, and
+                # then none waits in the queue: the next ones go once the first is under way.
+                wait_until_generating(launcher)
             thread.start()
 
     def _generate(self, launcher: Launcher, key: str, seed: int) -> None:
         request = contract.TextToImage("a lighthouse at dusk", width=LONG_SIDE, height=LONG_SIDE,
-                                       num_inference_steps=LONG_STEPS, seed=seed)
+                                       num_inference_steps=self.steps, seed=seed)
         try:
             with triton.http_client(f"127.0.0.1:{launcher.http_port}", timeout_s=WAIT_S) as client:
                 self.outcomes.append(triton.infer_http(client, MODEL, request, key))
@@ -293,7 +317,9 @@ def test_requests_that_outlast_the_exit_timeout_are_cut_and_the_launcher_exits_1
     launched: Launcher, tmp_path: Path,
 ) -> None:
     launched.wait_until_ready()
-    generations = Generations(launched, launched.infer_key(tmp_path), count=2)
+    # The tiny models' most steps: many seconds, so that not even the first can end within the 1 s exit timeout
+    # (with 30 it sometimes did, on an idle machine).
+    generations = Generations(launched, launched.infer_key(tmp_path), count=2, steps=MAX_TINY_STEPS)
     wait_for_a_queued_request(launched)  # one generation runs (seconds), the other waits for it
     launched.stop()
 
