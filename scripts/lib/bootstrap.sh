@@ -70,8 +70,7 @@ _ensure_system_packages() {
   ((${#missing[@]})) || return 0
   if [[ $(id -u) == 0 ]]; then
     _log "installing Debian's ${missing[*]} (the tests run them for real)"
-    { apt-get install -y -q --no-install-recommends "${missing[@]}" ||
-      { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }; } >&2
+    { apt-get install -y -q "${missing[@]}" || { apt-get update -q && apt-get install -y -q "${missing[@]}"; }; } >&2
   else
     _log "missing ${missing[*]}: the tests of the PostgreSQL store, the proxy, the web page and the TypeScript" \
       "client need them (sudo apt-get install ${missing[*]})"
