@@ -212,8 +212,10 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
                     capability: Annotated[str | None, Query(description="one capability only")] = None,
                     actor: Annotated[str | None, Query(alias="entity", description="one acting entity only")] = None,
                     action: str | None = None, outcome: str | None = None,
-                    since: Annotated[float | None, Query(description="Unix time, inclusive")] = None,
-                    until: Annotated[float | None, Query(description="Unix time, exclusive")] = None,
+                    since: Annotated[float | None, Query(description="Unix time, inclusive",
+                                                         allow_inf_nan=False)] = None,
+                    until: Annotated[float | None, Query(description="Unix time, exclusive",
+                                                         allow_inf_nan=False)] = None,
                     limit: Annotated[int | None, Query(ge=1, le=10_000, description="the most recent N")] = None,
                     ) -> dict[str, Any]:
         entries = await blocking(lambda: layer.capabilities.audit_entries(

@@ -270,3 +270,10 @@ def test_an_event_streams_error_carries_its_retry_after_in_the_body() -> None:
     assert error_body(busy, with_retry_after=True) == {
         "status": 503, "code": "server_busy", "message": str(busy), "retryAfterS": 1}
     assert "retryAfterS" not in error_body(busy)  # a JSON answer has the Retry-After header instead
+
+
+@pytest.mark.parametrize("query", ["since=nan", "until=inf", "since=-inf", "limit=0", "limit=abc"])
+def test_audit_filters_that_are_not_finite_numbers_are_refused(api: Api, query: str) -> None:
+    name = query.split("=", maxsplit=1)[0]
+    body = assert_problem(api.call("GET", f"/v1/audit?{query}", api.alice), 400, "invalid_request")
+    assert body["message"].startswith(f"query.{name}=")
