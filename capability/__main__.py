@@ -201,7 +201,8 @@ def _add_token_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> 
     issue.add_argument("--expires-in", type=_duration, default=_duration("90d"), metavar="DURATION",
                        help="3600 (seconds), 90s, 15m, 12h, 30d or 1w; at most about five years (default: 90d)")
     revoke = token_commands.add_parser("revoke", parents=parents, help="refuse a token from now on")
-    revoke.add_argument("--token", required=True, metavar="ID", help="its id, as token list shows it")
+    revoke.add_argument("--token", required=True, metavar="ID",
+                        help="its id, as token list shows it, or the whole token (a leaked one)")
     listing = token_commands.add_parser("list", parents=parents, help="the tokens issued (never their secrets)")
     listing.add_argument("--entity", dest="entity_filter", metavar="ENTITY", help="only this entity's")
 

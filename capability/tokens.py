@@ -28,7 +28,8 @@ from .errors import DeniedError, InvalidParamsError, UnauthenticatedError
 from .store import Store
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 - the public prefix, not a secret
-_TOKEN = re.compile(r"tok_(?P<id>[0-9a-f]{16})_(?P<secret>[A-Za-z0-9_-]{43})")
+_TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+_TOKEN = re.compile(rf"tok_(?P<id>{_TOKEN_ID.pattern})_(?P<secret>[A-Za-z0-9_-]{{43}})")
 MAX_TOKEN_LIFETIME_S = 5 * 365 * 86400.0
 """A token lives at most about five years: one that never expires is one nobody remembers to revoke."""
 _NO_SUCH_DIGEST = hashlib.sha256(b"no such token").hexdigest()
@@ -97,14 +98,14 @@ class Tokens:
     def revoke(self, admin: str, token_id: str) -> Token:
         """Refuse the token from now on, on every host sharing the store."""
         authority = self._authority(admin, "revoke tokens")
-        identifier = token_id.removeprefix(TOKEN_PREFIX) if isinstance(token_id, str) else token_id
+        identifier = _token_id(token_id)
+        if identifier is None:  # not echoed: it may be a token with a secret, mistyped
+            raise InvalidParamsError("the token to revoke is not a token id: give the id that token list shows (16 hex "
+                                     "digits), or the whole token")
         with self.store.write() as db:
-            row = None
-            if isinstance(identifier, str) and re.fullmatch(r"[0-9a-f]{16}", identifier):
-                row = db.execute("SELECT * FROM tokens WHERE id = ?", (identifier,)).fetchone()
+            row = db.execute("SELECT * FROM tokens WHERE id = ?", (identifier,)).fetchone()
             if row is None:
-                raise InvalidParamsError(f"token {describe_value(token_id)} is unknown: give the id that token list "
-                                         "shows (16 hex digits), never the token itself")
+                raise InvalidParamsError(f"no token has the id {identifier}: give one that token list shows")
             now = self.store.now(db)
             db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, identifier))
             self.capabilities._audit(db, admin, authority.id, "token-revoke", "ok", at=now,
@@ -153,6 +154,17 @@ class Tokens:
                 return capability
         raise DeniedError(f"{describe_value(admin)} may not {what}: only the owner of a {MINT} authority (an admin, "
                           "made by python -m capability init) may")
+
+
+def _token_id(given: object) -> str | None:
+    """The id in what an admin gave to revoke: an id (with or without ``tok_``), or a whole token (a leaked one)."""
+    if not isinstance(given, str):
+        return None
+    whole = _TOKEN.fullmatch(given)
+    if whole is not None:
+        return whole["id"]
+    bare = given.removeprefix(TOKEN_PREFIX)
+    return bare if _TOKEN_ID.fullmatch(bare) else None
 
 
 def _when(timestamp: float) -> str:

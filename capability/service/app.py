@@ -12,6 +12,7 @@ name objects local to :func:`create_app` (the caller dependency) cannot be resol
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -160,7 +161,7 @@ def create_app(layer: CapabilityLayer, config: ServiceConfig | None = None, *,  
     async def readyz() -> Response:
         try:
             # A real statement: SQLite's clock is the host's, so asking the time alone would read nothing.
-            await blocking(lambda: layer.store.read().execute("SELECT COUNT(*) AS n FROM tokens").fetchone())
+            await blocking(lambda: layer.store.read().execute("SELECT id FROM tokens LIMIT 1").fetchall())
         except StoreError as error:
             return problem(503, "store_unavailable", str(error), retry_after_s=1)
         return JSONResponse({"status": "ready"})
@@ -299,7 +300,8 @@ class StreamingGeneration:
         self._task: asyncio.Future[None] | None = None
 
     def run(self, layer: CapabilityLayer, capability_id: str, body: TextToImageRequest,
-            limiter: anyio.CapacityLimiter) -> None:
+            limiter: anyio.CapacityLimiter) -> asyncio.Future[None]:
+        """Start it in a worker thread; the future ends with it."""
         def push(event: Event) -> None:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
@@ -317,6 +319,7 @@ class StreamingGeneration:
                 layer.generator.release_thread_clients()
 
         self._task = asyncio.ensure_future(anyio.to_thread.run_sync(work, limiter=limiter))
+        return self._task
 
     async def next_event(self) -> Event:
         return await self._events.get()
@@ -360,8 +363,6 @@ class StreamingGeneration:
 
 
 def _sse(event: str, data: Mapping[str, Any]) -> str:
-    import json
-
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
@@ -381,9 +382,7 @@ class RunningGenerations:
         generation = StreamingGeneration("gen_" + secrets.token_urlsafe(16), entity)
         with self._lock:
             self._running[generation.id] = generation
-        generation.run(layer, capability_id, body, limiter)
-        assert generation._task is not None
-        generation._task.add_done_callback(lambda _: self._forget(generation.id))
+        generation.run(layer, capability_id, body, limiter).add_done_callback(lambda _: self._forget(generation.id))
         return generation
 
     def _forget(self, identifier: str) -> None:

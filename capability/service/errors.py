@@ -80,10 +80,10 @@ def error_body(error: CapabilityError, *, with_retry_after: bool = False) -> dic
 
 
 def error_response(error: CapabilityError) -> JSONResponse:
-    error_class = classify(error)
-    return problem(error_class.status, error_class.code, str(error), retry_after_s=error_class.retry_after_s,
-                   extra={"option": describe_option_name(error.option)} if isinstance(error, InvalidOptionError)
-                   else None)
+    """The error as a JSON answer, its Retry-After (where it has one) as a header."""
+    body = error_body(error)
+    status, code, message = body.pop("status"), body.pop("code"), body.pop("message")
+    return problem(status, code, message, retry_after_s=classify(error).retry_after_s, extra=body)
 
 
 def problem(status: int, code: str, message: str, *, retry_after_s: int | None = None,

@@ -101,13 +101,18 @@ def test_a_lifetime_out_of_bounds_is_refused(store: SQLiteStore, expires_in: flo
         Tokens(store).issue("ops", "alice", expires_in)
 
 
-def test_revoking_an_unknown_id_or_a_whole_token_says_what_to_give(store: SQLiteStore) -> None:
+def test_a_whole_token_revokes_by_its_id_and_nothing_echoes_a_secret(store: SQLiteStore) -> None:
     tokens = Tokens(store)
-    issued = tokens.issue("ops", "alice", 3600)
-    with pytest.raises(InvalidParamsError, match="give the id that token list shows") as refused:
-        tokens.revoke("ops", issued.token)
-    assert issued.token not in str(refused.value) or len(issued.token) > 40  # described, cut
-    assert tokens.authenticate(issued.token) == "alice"
+    leaked, kept = tokens.issue("ops", "alice", 3600), tokens.issue("ops", "alice", 3600)
+    secret = leaked.token.split("_", 2)[2]
+    assert tokens.revoke("ops", leaked.token).id == leaked.described.id  # the leaked token itself will do
+    with pytest.raises(UnauthenticatedError, match="is revoked"):
+        tokens.authenticate(leaked.token)
+    for wrong, message in ((leaked.token[:-3], "is not a token id"), ("0123456789abcdef", "no token has the id")):
+        with pytest.raises(InvalidParamsError, match=message) as refused:
+            tokens.revoke("ops", wrong)
+        assert secret[:8] not in str(refused.value)
+    assert tokens.authenticate(kept.token) == "alice"
 
 
 def test_a_store_of_the_previous_schema_gains_the_tokens_table_and_keeps_its_rows(tmp_path: Path) -> None:
