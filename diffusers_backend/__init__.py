@@ -11,7 +11,7 @@ unit-tested without Triton. Modules are laid out by concern:
 - :mod:`.engine`: pipeline calls → uint8 images (torch);
 - :mod:`.service`: one batch of raw requests → one outcome per request;
 - :mod:`.triton_model`: the ``TritonPythonModel`` every ``model.py`` exposes;
-- :mod:`.tiny`: tiny random-weight pipelines for tests and the demo.
+- :mod:`.tiny`: tiny pipelines, trained here on captioned shapes, for tests and the demo.
 
 This package must import on Python 3.10: the NGC tritonserver 24.10 image runs ``model.py`` with it.
 """

@@ -223,7 +223,39 @@ def load_pipeline(settings: ModelSettings, placement: Placement, folder: Path, t
         ) from error
     pipeline.set_progress_bar_config(disable=True)
     apply_speed_settings(pipeline, traits, settings)
+    blank_text_encoders_for_tests(pipeline, settings.model_id)
     return pipeline
+
+
+TEST_BLANK_TEXT_ENCODERS = "TRITON_DIFFUSERS_TEST_BLANK_TEXT_ENCODERS"
+"""Test-only switch: a comma-separated list of pipeline components (``text_encoder_2``, ...) whose outputs are
+replaced by zeros, in the server's environment. The prompt-path tests set it to prove that every text encoder of
+a family reaches the image: blanking one must make the tiny models draw worse. Never set in production; a model
+loaded with it says so in a warning."""
+
+
+def blank_text_encoders_for_tests(pipeline: Any, model_id: str) -> None:
+    names = [name.strip() for name in os.environ.get(TEST_BLANK_TEXT_ENCODERS, "").split(",") if name.strip()]
+    for name in names:
+        encoder = getattr(pipeline, name, None)
+        if encoder is None:
+            continue  # a family without this encoder
+        logger.warning("model %r: the outputs of its %s are zeros (%s is set: for tests only)",
+                       model_id, name, TEST_BLANK_TEXT_ENCODERS)
+        encoder.register_forward_hook(lambda _module, _inputs, output: _zeros_like(output))
+
+
+def _zeros_like(value: Any) -> Any:
+    """``value`` (a tensor, or a model output or tuple holding tensors) with every tensor zeroed."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, tuple):
+        return tuple(_zeros_like(item) for item in value)
+    if isinstance(value, dict):  # transformers' ModelOutput is an ordered dict of its fields
+        return type(value)(**{key: _zeros_like(item) for key, item in value.items()})
+    return value
 
 
 def apply_speed_settings(pipeline: Any, traits: PipelineTraits, settings: ModelSettings) -> None:

@@ -1,8 +1,10 @@
-"""Tiny random-weight diffusers pipelines, built fully offline.
+"""Tiny diffusers pipelines, built fully offline, with the weights trained here on captioned shapes.
 
 Four families are supported: SD1.5, SDXL, SD3 and FLUX (schnell flavour). Each
-pipeline has real component classes and wiring but only a few hundred thousand
-random parameters, so tests can load and run it on a CPU in well under a second.
+pipeline has real component classes and wiring but only a few million parameters,
+trained by ``scripts/train-tiny`` to draw the coloured shapes of ``workbench/shapes.py``
+(``tiny_weights/``), so tests can load and run it on a CPU in well under a second
+and see that the prompt reaches the image.
 Nothing is downloaded: tokenizer files are written by hand into a temporary
 folder and loaded with ``from_pretrained``, the construction path that behaves
 the same on transformers 4.x and 5.x (direct constructor arguments do not).
@@ -10,8 +12,8 @@ the same on transformers 4.x and 5.x (direct constructor arguments do not).
 The configs follow the verified reference in ``shared/docs/tiny-pipelines.md``;
 the comments below repeat the constraints that tie their numbers together.
 
-This module holds the cache and the command line and imports no torch; the builders are in
-:mod:`.tiny_pipelines`.
+This module holds the cache, the command line and the constants the launcher needs, and imports no torch; the
+builders are in :mod:`.tiny_pipelines`.
 
 Usage from the command line::
 
@@ -40,6 +42,20 @@ if TYPE_CHECKING:
 
 TINY_FAMILIES: tuple[str, ...] = tuple(family.name for family in FAMILIES)
 
+TINY_NATIVE_SIZE = 128
+"""Side in pixels of the images the tiny models are trained on, and of what they draw by default."""
+
+TINY_DEFAULT_STEPS = {"sd15": 25, "sdxl": 25}
+"""Denoising steps of the tiny UNet models when a request names none (the real ones' default is 50): enough for
+their schedulers to draw what they were trained on, at half the cost."""
+
+TINY_T5_SEQUENCE_LENGTH = 64
+"""T5 tokens the tiny SD3 and FLUX models are trained and served with (their ``max_sequence_length``).
+
+The real models' 256 or 512 would be mostly padding for captions of a dozen tokens, and in SD3's and FLUX's
+transformers every text token costs as much as an image token: 64 trains and serves them 2 to 2.5 times faster.
+"""
+
 # Written inside every cached folder; its presence with a matching fingerprint
 # is what marks the folder as a complete build.
 STAMP_FILE_NAME = ".tiny-build.json"
@@ -52,6 +68,7 @@ _FINGERPRINTED_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "tokenizer
 
 
 _BUILDER_MODULES = ("tiny.py", "tiny_pipelines.py")
+_TRAINED_WEIGHTS = pathlib.Path(__file__).parent / "tiny_weights"
 
 
 def check_family(family: str) -> None:
@@ -60,10 +77,9 @@ def check_family(family: str) -> None:
 
 
 def build_tiny_pipeline(family: str) -> DiffusionPipeline:
-    """Build the tiny random-weight pipeline of ``family`` (one of TINY_FAMILIES).
+    """Build the tiny pipeline of ``family`` (one of TINY_FAMILIES), with its trained weights when there are any.
 
-    Deterministic: weights come from ``torch.manual_seed(0)``, so two builds
-    hold identical tensors. Every module is fp32 and in eval mode.
+    Deterministic: two builds hold identical tensors. Every module is fp32 and in eval mode.
     """
     from .tiny_pipelines import build_tiny_pipeline as build
 
@@ -90,6 +106,10 @@ def builder_fingerprint() -> str:
     here = pathlib.Path(__file__).parent
     for module in _BUILDER_MODULES:
         digest.update(here.joinpath(module).read_bytes())
+    # The trained weights are part of what a build writes: retraining rebuilds the cached pipelines.
+    for weights in sorted(_TRAINED_WEIGHTS.glob("*.safetensors")):
+        digest.update(f"\n{weights.name}\n".encode())
+        digest.update(weights.read_bytes())
     for distribution in _FINGERPRINTED_DISTRIBUTIONS:
         digest.update(f"\n{distribution}=={importlib.metadata.version(distribution)}".encode())
     return digest.hexdigest()
@@ -218,7 +238,7 @@ def build_tiny_models(root: pathlib.Path, families: Iterable[str] = TINY_FAMILIE
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m diffusers_backend.tiny",
-        description="Build (or reuse cached) tiny random-weight diffusers pipelines.",
+        description="Build (or reuse cached) the tiny diffusers pipelines.",
     )
     parser.add_argument(
         "--out", required=True, type=pathlib.Path, help="folder to hold tiny-<family>/ folders"

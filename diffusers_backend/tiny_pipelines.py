@@ -1,12 +1,15 @@
-"""The tiny random-weight pipelines themselves (imports torch, diffusers and transformers).
+"""The tiny pipelines themselves (imports torch, diffusers and transformers): architectures, tokenizers, weights.
 
-Each pipeline has real component classes and wiring but only a few hundred thousand random parameters, so
-tests can load and run it on a CPU in well under a second. Nothing is downloaded: tokenizer files are written
-by hand into a temporary folder and loaded with ``from_pretrained``, the construction path that behaves the
-same on transformers 4.x and 5.x (direct constructor arguments do not).
+Each pipeline has real component classes and wiring but only three to five million parameters, so tests can
+load and run it on a CPU in a fraction of a second. The architectures are built here, seeded; the weights that
+``scripts/train-tiny`` trained on the captioned shapes of ``workbench/shapes.py`` are then loaded from
+``tiny_weights/<family>.safetensors`` (half precision, parameters only). Nothing is downloaded: tokenizer files
+are written by hand into a temporary folder and loaded with ``from_pretrained``, the construction path that
+behaves the same on transformers 4.x and 5.x (direct constructor arguments do not).
 
-The configs follow the verified reference in ``shared/docs/tiny-pipelines.md``; the comments below repeat the
-constraints that tie their numbers together. Caching and the command line live in :mod:`.tiny`, which does
+The configs started from the verified reference in ``shared/docs/tiny-pipelines.md`` and were widened until
+the models could learn shapes and colours; the comments below repeat the constraints that tie their numbers
+together. Caching and the command line live in :mod:`.tiny`, which does
 not import torch, so that finding a cached build costs no heavy import.
 """
 
@@ -50,7 +53,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .tiny import TINY_FAMILIES, check_family
+from .tiny import TINY_FAMILIES, TINY_NATIVE_SIZE, check_family
 
 _BUILD_SEED = 0
 
@@ -65,18 +68,47 @@ _CLIP_VOCAB_SIZE = 514
 # The pipelines always pad/truncate CLIP prompts to 77 tokens.
 _CLIP_MAX_LENGTH = 77
 
+# The words the tiny models are trained on (workbench/shapes.py's captions) are whole tokens of both tokenizers,
+# as a real CLIP or T5 vocabulary has its common words: a two-layer text encoder then learns what "blue" means in
+# minutes instead of first having to assemble it from four characters. Other words still tokenize character by
+# character. tests/unit/test_shapes.py checks that every caption word is here.
+_PROMPT_WORDS = (
+    "a", "an", "on", "the", "left", "right", "background",
+    "red", "green", "blue", "yellow", "purple", "orange",
+    "circle", "square", "triangle", "cross",
+    "white", "black", "gray",
+)
+
+
+def _word_merge_chain(word: str) -> list[tuple[str, str]]:
+    """The BPE merges that join ``word`` left to right: (b, l), (bl, u), (blu, e</w>) for "blue"."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    merges, joined = [], symbols[0]
+    for symbol in symbols[1:]:
+        merges.append((joined, symbol))
+        joined += symbol
+    return merges
+
+
+# Longer words' merges rank first, so that a pair inside a longer word ("r e" in "green") that starts a shorter
+# word's chain cannot break the longer word's chain; test_tiny_pipelines checks each word becomes one token.
+_WORD_MERGES = list(dict.fromkeys(
+    merge for word in sorted(_PROMPT_WORDS, key=lambda word: (-len(word), word)) for merge in _word_merge_chain(word)
+))
+_PROMPT_WORD_TOKENS = tuple(dict.fromkeys(left + right for left, right in _WORD_MERGES))
+
 # bos/eos must be the tokenizer's ids: CLIP pools its output at the first
 # eos_token_id. With the stock 49407 (absent from our vocab) the pooled
 # embedding comes from position 0 and is identical for every prompt, which
 # would make SDXL/SD3/FLUX silently ignore the prompt's pooled conditioning.
 _CLIP_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": _CLIP_VOCAB_SIZE,
-    "hidden_size": 32,
-    "intermediate_size": 64,
+    "vocab_size": _CLIP_VOCAB_SIZE + len(_PROMPT_WORD_TOKENS),
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "max_position_embeddings": _CLIP_MAX_LENGTH,
-    "projection_dim": 32,
+    "projection_dim": 64,
     "bos_token_id": _CLIP_BOS_ID,
     "eos_token_id": _CLIP_EOS_ID,
     "pad_token_id": _CLIP_EOS_ID,
@@ -93,15 +125,15 @@ _T5_MAX_LENGTH = 512
 # Every printable ASCII character except whitespace, as a word-initial piece
 # ("▁c") and a word-internal piece ("c"): 4 special + 2 * 94 = 192 pieces.
 _T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
-_T5_VOCAB_SIZE = 4 + 2 * len(_T5_CHARACTERS)
+_T5_VOCAB_SIZE = 4 + 2 * len(_T5_CHARACTERS) + len(_PROMPT_WORDS)
 
 # Dropout 0: the T5 default (0.1) would make a module left in train mode
 # nondeterministic; we also .eval() everything, this is belt and braces.
 _T5_CONFIG: dict[str, Any] = {
     "vocab_size": _T5_VOCAB_SIZE,
-    "d_model": 32,
-    "d_kv": 8,
-    "d_ff": 64,
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 128,
     "num_layers": 2,
     "num_heads": 4,
     "relative_attention_num_buckets": 8,
@@ -115,22 +147,25 @@ _T5_CONFIG: dict[str, Any] = {
     "decoder_start_token_id": _T5_PAD_ID,
     "tie_word_embeddings": False,
 }
-# SD3 pads the CLIP states (2 * 32 wide) to the T5 width; a narrower T5 would
-# silently crop them, so SD3's T5 is 64 wide.
-_SD3_T5_D_MODEL = 64
+# SD3 pads the CLIP states (2 * 64 wide) to the T5 width; a narrower T5 would
+# silently crop them, so SD3's T5 is 128 wide.
+_SD3_T5_D_MODEL = 2 * _CLIP_TEXT_CONFIG["hidden_size"]
 
-# Four blocks give the usual 8x latent downscale. Two blocks also work but make
-# 256x256 SD1.5 inference ~23x slower. norm_num_groups must divide every
+# The tiny models are trained on 128x128 images (TINY_NATIVE_SIZE). Four blocks give the usual 8x latent
+# downscale, so they denoise 16x16 latents: large enough for a shape's outline, small enough to train on two
+# CPU cores. The first block is narrow because it runs at full resolution. norm_num_groups must divide every
 # channel count (the default 32 does not).
+_VAE_DOWNSCALE = 8
+_NATIVE_LATENT_SIDE = TINY_NATIVE_SIZE // _VAE_DOWNSCALE
 _VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ("DownEncoderBlock2D",) * 4,
     "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (8, 8, 16, 16),
+    "block_out_channels": (16, 32, 64, 64),
     "layers_per_block": 1,
     "norm_num_groups": 8,
-    "sample_size": 256,
+    "sample_size": TINY_NATIVE_SIZE,
     "latent_channels": 4,
 }
 # The SD3 and FLUX VAEs have 16 latent channels and no quant convolutions.
@@ -140,16 +175,16 @@ _FLOW_VAE_OVERRIDES: dict[str, Any] = {
     "use_post_quant_conv": False,
 }
 
-# Both UNets share the layout: two levels, cross-attention on the lower one, 32 latent pixels (256 px).
+# Both UNets share the layout: three levels (16, 8 and 4 latent pixels), cross-attention on the lower two.
 _UNET_LAYOUT: dict[str, Any] = {
-    "sample_size": 32,
+    "sample_size": _NATIVE_LATENT_SIDE,
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": (16, 32),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 8,
+    "block_out_channels": (48, 96, 96),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 16,
 }
 
 _SD15_UNET_CONFIG: dict[str, Any] = {
@@ -162,9 +197,9 @@ _SD15_UNET_CONFIG: dict[str, Any] = {
 _SDXL_ADDITION_TIME_EMBED_DIM = 8
 _SDXL_UNET_CONFIG: dict[str, Any] = {
     **_UNET_LAYOUT,
-    "attention_head_dim": (2, 4),
+    "attention_head_dim": (2, 4, 4),
     "use_linear_projection": True,
-    "transformer_layers_per_block": (1, 1),
+    "transformer_layers_per_block": (1, 1, 1),
     # The two CLIP encoders' hidden states are concatenated.
     "cross_attention_dim": 2 * _CLIP_TEXT_CONFIG["hidden_size"],
     "addition_embed_type": "text_time",
@@ -175,15 +210,15 @@ _SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 _SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "sample_size": 32,
+    "sample_size": _NATIVE_LATENT_SIDE,
     "patch_size": 2,
     "in_channels": 16,
     "out_channels": 16,
-    "num_layers": 2,
-    "attention_head_dim": 8,
+    "num_layers": 4,
+    "attention_head_dim": 32,
     "num_attention_heads": 4,
     # Must equal num_attention_heads * attention_head_dim.
-    "caption_projection_dim": 32,
+    "caption_projection_dim": 128,
     # Must equal the T5 width.
     "joint_attention_dim": _SD3_T5_D_MODEL,
     # Both CLIP projections are concatenated.
@@ -196,10 +231,10 @@ _FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 1,
     # Latents are packed 2x2, so 4 * the VAE's 16 latent channels.
     "in_channels": 4 * _FLOW_VAE_OVERRIDES["latent_channels"],
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
     # Must equal the T5 width.
     "joint_attention_dim": _T5_CONFIG["d_model"],
     # FLUX pools only CLIPTextModel's pooler output (hidden_size wide).
@@ -208,7 +243,7 @@ _FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
     # embedding: guidance_scale has no effect on it.
     "guidance_embeds": False,
     # Must sum to attention_head_dim.
-    "axes_dims_rope": (4, 4, 8),
+    "axes_dims_rope": (8, 12, 12),
 }
 
 _SD_BETA_SCHEDULE: dict[str, Any] = {
@@ -262,13 +297,14 @@ def _gpt2_byte_symbols() -> list[str]:
 
 
 def _clip_vocabulary() -> dict[str, int]:
-    """Character-level CLIP vocabulary: every byte, alone and word-final."""
+    """Every byte, alone and word-final, then bos and eos, then the prompt words and their partial merges."""
     byte_symbols = _gpt2_byte_symbols()
     vocabulary = {symbol: index for index, symbol in enumerate(byte_symbols)}
     vocabulary.update({symbol + "</w>": 256 + index for index, symbol in enumerate(byte_symbols)})
     vocabulary[_CLIP_START_OF_TEXT] = _CLIP_BOS_ID
     vocabulary[_CLIP_END_OF_TEXT] = _CLIP_EOS_ID
     assert len(vocabulary) == _CLIP_VOCAB_SIZE
+    vocabulary.update({token: _CLIP_VOCAB_SIZE + index for index, token in enumerate(_PROMPT_WORD_TOKENS)})
     return vocabulary
 
 
@@ -281,8 +317,9 @@ def _build_clip_tokenizer() -> CLIPTokenizer:
         (folder / "vocab.json").write_text(
             json.dumps(_clip_vocabulary(), ensure_ascii=False), encoding="utf-8"
         )
-        # No merges: every word tokenizes character by character.
-        (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        # Only the prompt words' merges: every other word tokenizes character by character.
+        merges = "".join(f"{left} {right}\n" for left, right in _WORD_MERGES)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
         tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(
             folder, model_max_length=_CLIP_MAX_LENGTH, local_files_only=True
         )
@@ -307,6 +344,8 @@ def _t5_sentencepiece_model() -> bytes:
         # Word-initial pieces score higher, so "▁a" beats "▁" + "a".
         pieces.append(("▁" + character, -3.0, piece_type.NORMAL))
         pieces.append((character, -3.5, piece_type.NORMAL))
+    # A whole word scores far above its letters (-3 - 3.5 per further letter), so the unigram model takes it.
+    pieces.extend(("▁" + word, -1.0, piece_type.NORMAL) for word in _PROMPT_WORDS)
     assert len(pieces) == _T5_VOCAB_SIZE
     for text, score, kind in pieces:
         piece = model.pieces.add()
@@ -458,11 +497,13 @@ def _deterministic_fp32_construction() -> Iterator[None]:
             torch.set_default_dtype(previous_default_dtype)
 
 
-def build_tiny_pipeline(family: str) -> DiffusionPipeline:
-    """Build the tiny random-weight pipeline of ``family`` (one of TINY_FAMILIES).
+def build_tiny_pipeline(family: str, *, trained: bool = True) -> DiffusionPipeline:
+    """Build the tiny pipeline of ``family`` (one of TINY_FAMILIES).
 
-    Deterministic: weights come from ``torch.manual_seed(0)``, so two builds
-    hold identical tensors. Every module is fp32 and in eval mode.
+    ``trained``: load the weights trained by ``scripts/train-tiny`` (``TRAINED_WEIGHTS/<family>.safetensors``)
+    when the repository has them; otherwise, and always with ``trained=False``, the weights are random.
+    Deterministic either way: random weights come from ``torch.manual_seed(0)``, so two builds hold identical
+    tensors. Every module is fp32 and in eval mode.
     """
     check_family(family)
     with _deterministic_fp32_construction():
@@ -472,4 +513,73 @@ def build_tiny_pipeline(family: str) -> DiffusionPipeline:
         # switch them; only from_pretrained returns eval-mode models.
         if isinstance(component, torch.nn.Module):
             component.eval()
+    weights = trained_weights_file(family)
+    if trained and weights.is_file():
+        load_tiny_weights(pipeline, weights)
     return pipeline
+
+
+# --- Trained weights ----------------------------------------------------------
+
+TRAINED_WEIGHTS = pathlib.Path(__file__).parent / "tiny_weights"
+# The same folder as the (torch-free) cache fingerprint reads.
+"""Where ``scripts/train-tiny --install`` puts each family's trained weights, one file per family."""
+
+# Metadata keys of a weights file: the VAE's latent factors are set from the trained VAE's latents, so they
+# travel with its weights.
+_VAE_FACTORS = ("scaling_factor", "shift_factor")
+
+
+def trained_weights_file(family: str) -> pathlib.Path:
+    return TRAINED_WEIGHTS / f"{family}.safetensors"
+
+
+def save_tiny_weights(pipeline: DiffusionPipeline, path: pathlib.Path, metadata: dict[str, str]) -> None:
+    """Write every component's parameters in half precision, keyed ``component.parameter``, to ``path``.
+
+    Parameters only: buffers (SD3's sine-cosine position table, CLIP's position ids) are rebuilt by the
+    constructors, and leaving them out keeps the repository's files small.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{name}.{key}": parameter.detach().to(torch.float16).contiguous()
+        for name, component in pipeline.components.items()
+        if isinstance(component, torch.nn.Module)
+        for key, parameter in component.named_parameters()
+    }
+    vae_config = pipeline.vae.config
+    factors = {f"vae.{factor}": str(vae_config[factor]) for factor in _VAE_FACTORS
+               if vae_config.get(factor) is not None}
+    save_file(tensors, str(path), metadata={**metadata, **factors})
+
+
+def load_tiny_weights(
+    pipeline: DiffusionPipeline, path: pathlib.Path, components: tuple[str, ...] | None = None
+) -> None:
+    """Load ``save_tiny_weights``' file into ``pipeline`` (all components, or only ``components``), in fp32.
+
+    Refuses a file that does not fit: a missing or unexpected parameter means the file was trained for another
+    architecture, and loading it partially would serve noise that looks like a model.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+        keys = set(weights.keys())
+        for name, component in pipeline.components.items():
+            if not isinstance(component, torch.nn.Module) or (components is not None and name not in components):
+                continue
+            prefix = f"{name}."
+            state = {key[len(prefix):]: weights.get_tensor(key).to(torch.float32)
+                     for key in keys if key.startswith(prefix)}
+            expected = {key for key, _ in component.named_parameters()}
+            if set(state) != expected:
+                missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise ValueError(f"{path} does not fit the tiny {name}: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}; retrain it with scripts/train-tiny")
+            component.load_state_dict(state, strict=False)
+    if components is None or "vae" in components:
+        factors = {factor: float(metadata[f"vae.{factor}"]) for factor in _VAE_FACTORS
+                   if f"vae.{factor}" in metadata}
+        pipeline.vae.register_to_config(**factors)

@@ -77,7 +77,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--tiny", action="store_true",
-                        help="serve the tiny random-weight models (built once, cached) on the CPU")
+                        help="serve the tiny models (trained on shapes; built once, cached) on the CPU")
     source.add_argument("--model-repository", type=Path, default=None,
                         help=f"model repository to serve (default: {MODEL_REPOSITORY})")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,

@@ -1,21 +1,38 @@
 """``scripts/train-tiny FAMILY``: train a tiny pipeline on the captioned shapes of :mod:`workbench.shapes` (#15).
 
-First step, SD1.5 only: the family's real classes (the tiny pipeline of :mod:`diffusers_backend.tiny_pipelines`),
-trained on the CPU in two stages within a time budget: the VAE as an autoencoder of the shapes, then the UNet and
-the CLIP text encoder on the frozen VAE's latents with the family's own noise schedule and epsilon objective
-(captions dropped one time in ten, for classifier-free guidance). Seeded; a progress line on stderr; the loss
-curve (``loss.jsonl``) and the pipeline (``save_pretrained``) in ``--out``.
+Every family trains its own real classes, the very pipeline :mod:`diffusers_backend.tiny_pipelines` builds and the
+server loads: the VAE, the denoiser (UNet or transformer) and every text encoder the family has (SDXL's two
+CLIPs, SD3's two CLIPs and T5, FLUX's CLIP and T5). The prompt goes through the pipeline's own ``encode_prompt``,
+so the model learns from exactly the conditioning it gets when it serves.
 
-Not yet done (the issue's later steps): SDXL, SD3 and FLUX, half-precision weights in the repository, the
-launcher's ``--tiny`` using them, the evaluation through the server.
+Three stages within one time budget, on the CPU, seeded:
+
+1. a pool of captioned images is rendered (``--pool`` of them, :func:`workbench.shapes.example`);
+2. the VAE learns to reconstruct them (on 64-pixel crops: it is convolutional, and four times cheaper so), then
+   the latents' mean and spread set the VAE's ``shift_factor``/``scaling_factor``, as the real models' are set;
+   ``--vae-from`` reuses another family's trained VAE with the same latent channels instead;
+3. the denoiser and the text encoders learn together with the family's own objective: noise prediction on the
+   DDPM schedule for SD1.5 and SDXL, rectified flow (velocity, on the scheduler's shifted timesteps) for SD3 and
+   FLUX. One caption in ten is dropped (the way each pipeline encodes "no prompt": SDXL's zeros, the others' empty
+   string), so classifier-free guidance has an unconditional model to push away from. Cosine learning rate over
+   the remaining time, and an exponential moving average of the weights, which is what is saved.
+
+Written to ``--out``: ``loss.jsonl`` (the loss curve), ``pipeline/`` (``save_pretrained``, for a look with
+diffusers) and ``FAMILY.safetensors``, the trained parameters in half precision with the VAE's factors in its
+metadata: the file :mod:`diffusers_backend.tiny_pipelines` loads. ``--install`` copies it there.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +40,33 @@ import numpy as np
 
 from . import shapes
 
-FAMILIES = ("sd15",)
 CAPTION_DROPOUT = 0.1
-VAE_SHARE = 0.3
-"""Of the time budget, the share spent on the VAE before the denoiser."""
+VAE_CROP = 64
+EMA_DECAY = 0.995
+WARMUP_STEPS = 50
 
 
-def batch(start: int, count: int, size: int, seed: int) -> tuple[list[str], Any]:
-    """``count`` examples from ``start`` as captions and a float tensor in [-1, 1], NCHW."""
+@dataclass
+class Budget:
+    """Where a training run stands in its time budget."""
+
+    total_s: float
+    started: float
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def spent(self, share: float = 1.0) -> bool:
+        return self.elapsed_s >= share * self.total_s
+
+
+def render_pool(count: int, size: int, seed: int) -> tuple[list[str], Any]:
+    """``count`` training examples as captions and a float tensor in [-1, 1], NCHW."""
     import torch
 
     captions, images = [], []
-    for index in range(start, start + count):
+    for index in range(count):
         caption, image = shapes.example(index, size, seed)
         captions.append(caption)
         images.append(image)
@@ -42,95 +74,273 @@ def batch(start: int, count: int, size: int, seed: int) -> tuple[list[str], Any]
     return captions, pixels
 
 
-def train(family: str, out: Path, minutes: float, *,  # noqa: PLR0915 - the two stages read best in one piece
-          size: int = 64, batch_size: int = 16, seed: int = 0) -> None:
+class Progress:
+    """A progress line on stderr and the loss curve as JSON lines."""
+
+    def __init__(self, path: Path, budget: Budget) -> None:
+        self.curve = path.open("w", encoding="utf-8")
+        self.budget = budget
+
+    def __call__(self, stage: str, step: int, loss: float) -> None:
+        elapsed = self.budget.elapsed_s
+        self.curve.write(json.dumps({"stage": stage, "step": step, "elapsed_s": round(elapsed, 1),
+                                     "loss": round(loss, 5)}) + "\n")
+        self.curve.flush()
+        done = min(1.0, elapsed / self.budget.total_s)
+        bar = "#" * int(done * 30)
+        print(f"\r[{bar:<30}] {done:4.0%} {stage:<8} step {step:5d} loss {loss:.4f} "
+              f"{elapsed / 60:5.1f}/{self.budget.total_s / 60:g} min", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+        self.curve.close()
+
+
+def train_vae(vae: Any, pixels: Any, budget: Budget, *, share: float, batch_size: int, generator: Any,
+              progress: Progress) -> None:
+    """Reconstruction (with a small KL term that keeps the latents near a unit Gaussian) on random crops."""
     import torch
 
-    from diffusers_backend.tiny_pipelines import build_tiny_pipeline
-
-    if family not in FAMILIES:
-        raise SystemExit(f"train-tiny: {family!r} cannot be trained yet; the families so far: {', '.join(FAMILIES)}")
-    torch.manual_seed(seed)
-    pipeline = build_tiny_pipeline(family)
-    vae, unet, text_encoder, tokenizer = pipeline.vae, pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
-    scheduler = pipeline.scheduler
-    out.mkdir(parents=True, exist_ok=True)
-    curve = (out / "loss.jsonl").open("w")
-    budget_s = minutes * 60
-    started = time.monotonic()
-    index = 0
-
-    def log(stage: str, step: int, loss: float) -> None:
-        elapsed = time.monotonic() - started
-        curve.write(json.dumps({"stage": stage, "step": step, "elapsed_s": round(elapsed, 1), "loss": loss}) + "\n")
-        curve.flush()
-        print(f"\r{stage} step {step}  loss {loss:.4f}  {elapsed / 60:.1f}/{minutes:g} min", end="", file=sys.stderr,
-              flush=True)
-
-    # Stage 1: the VAE reconstructs the shapes (a small KL term keeps its latents near the unit Gaussian).
     vae.train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     step = 0
-    while time.monotonic() - started < VAE_SHARE * budget_s:
-        _, pixels = batch(index, batch_size, size, seed)
-        index += batch_size
-        posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+    side = pixels.shape[-1]
+    while not budget.spent(share):
+        chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
+        top, left = (int(value) for value in torch.randint(0, side - VAE_CROP + 1, (2,), generator=generator))
+        crop = pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
+        posterior = vae.encode(crop).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, crop) + 1e-6 * posterior.kl().mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         step += 1
         if step % 10 == 0:
-            log("vae", step, float(loss))
+            progress("vae", step, float(loss))
     vae.eval().requires_grad_(False)
 
-    # Stage 2: the denoiser and the text encoder, on the frozen VAE's latents.
-    unet.train()
-    text_encoder.train()
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimiser = torch.optim.AdamW(parameters, lr=5e-4)
+
+def encode_pool(vae: Any, pixels: Any, uses_shift: bool) -> Any:
+    """The pool's latents (the posterior means), normalised as the pipelines expect; sets the VAE's factors."""
+    import torch
+
+    with torch.no_grad():
+        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
+    shift = float(means.mean()) if uses_shift else 0.0
+    scale = 1.0 / float((means - shift).std())
+    vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if uses_shift else {}))
+    return (means - shift) * scale
+
+
+# --- the families' objectives -------------------------------------------------------------------------------------
+
+Objective = Callable[[Any, Any, list[str], Any], Any]
+"""(pipeline, clean latents, captions, generator) -> loss."""
+
+
+def _dropped(captions: list[str], generator: Any) -> tuple[list[str], Any]:
+    import torch
+
+    keep = torch.rand(len(captions), generator=generator) >= CAPTION_DROPOUT
+    return [caption if kept else "" for caption, kept in zip(captions, keep.tolist(), strict=True)], keep
+
+
+def _noise_prediction_loss(pipeline: Any, latents: Any, generator: Any, **unet_inputs: Any) -> Any:
+    import torch
+    from diffusers import DDPMScheduler
+
+    # The training-time forward process of the family's beta schedule (PNDM and Euler sample from the same one).
+    schedule = DDPMScheduler.from_config(pipeline.scheduler.config)  # type: ignore[no-untyped-call]
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    predicted = pipeline.unet(noisy, timesteps, **unet_inputs).sample
+    return torch.nn.functional.mse_loss(predicted, noise)
+
+
+def _flow_sample(pipeline: Any, latents: Any, generator: Any) -> tuple[Any, Any, Any]:
+    """Noisy latents, their sigmas and the velocity target of rectified flow, sigmas as the scheduler shifts them."""
+    import torch
+
+    # Logit-normal timesteps (the SD3 paper's choice), then the scheduler's own shift, so that training sees the
+    # noise levels sampling visits.
+    uniform = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
+    shift = float(pipeline.scheduler.config.shift)
+    sigmas = shift * uniform / (1 + (shift - 1) * uniform)
+    noise = torch.randn(latents.shape, generator=generator)
+    expanded = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - expanded) * latents + expanded * noise
+    return noisy, sigmas, noise - latents
+
+
+def sd15_objective(pipeline: Any, latents: Any, captions: list[str], generator: Any) -> Any:
+    captions, _ = _dropped(captions, generator)
+    prompt_embeds, _ = pipeline.encode_prompt(captions, "cpu", 1, False)
+    return _noise_prediction_loss(pipeline, latents, generator, encoder_hidden_states=prompt_embeds)
+
+
+def sdxl_objective(pipeline: Any, latents: Any, captions: list[str], generator: Any) -> Any:
+    import torch
+
+    _, keep = _dropped(captions, generator)
+    prompt_embeds, _, pooled, _ = pipeline.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    # With no negative prompt SDXL's unconditional input is zeros (force_zeros_for_empty_prompt).
+    keep = keep.float()
+    prompt_embeds = prompt_embeds * keep.view(-1, 1, 1)
+    pooled = pooled * keep.view(-1, 1)
+    side = latents.shape[-1] * pipeline.vae_scale_factor
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=latents.dtype).repeat(latents.shape[0], 1)
+    return _noise_prediction_loss(pipeline, latents, generator, encoder_hidden_states=prompt_embeds,
+                                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+
+
+def sd3_objective(pipeline: Any, latents: Any, captions: list[str], generator: Any) -> Any:
+    import torch
+
+    from diffusers_backend.tiny import TINY_T5_SEQUENCE_LENGTH
+
+    captions, _ = _dropped(captions, generator)
+    prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
+        captions, captions, captions, device="cpu", do_classifier_free_guidance=False,
+        max_sequence_length=TINY_T5_SEQUENCE_LENGTH)
+    noisy, sigmas, target = _flow_sample(pipeline, latents, generator)
+    predicted = pipeline.transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
+                                     pooled_projections=pooled).sample
+    return torch.nn.functional.mse_loss(predicted, target)
+
+
+def flux_objective(pipeline: Any, latents: Any, captions: list[str], generator: Any) -> Any:
+    import torch
+
+    from diffusers_backend.tiny import TINY_T5_SEQUENCE_LENGTH
+
+    # FLUX.1-schnell samples without classifier-free guidance: every caption is kept.
+    prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
+        captions, captions, device="cpu",
+        max_sequence_length=TINY_T5_SEQUENCE_LENGTH)
+    noisy, sigmas, target = _flow_sample(pipeline, latents, generator)
+    batch, channels, height, width = latents.shape
+    image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", latents.dtype)
+    predicted = pipeline.transformer(
+        hidden_states=pipeline._pack_latents(noisy, batch, channels, height, width), timestep=sigmas, guidance=None,
+        pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+    ).sample
+    return torch.nn.functional.mse_loss(predicted, pipeline._pack_latents(target, batch, channels, height, width))
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "sd15": sd15_objective, "sdxl": sdxl_objective, "sd3": sd3_objective, "flux": flux_objective,
+}
+FAMILIES = tuple(OBJECTIVES)
+
+
+def trained_modules(pipeline: Any) -> dict[str, Any]:
+    """The denoiser and every text encoder: what stage 3 trains."""
+    import torch
+
+    return {name: module for name, module in pipeline.components.items()
+            if isinstance(module, torch.nn.Module) and name != "vae"}
+
+
+def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int, pool: int, seed: int,
+          vae_share: float, vae_from: Path | None, learning_rate: float) -> Path:
+    import torch
+
+    from diffusers_backend.tiny_pipelines import build_tiny_pipeline, save_tiny_weights
+
+    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    pipeline = build_tiny_pipeline(family, trained=False)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(minutes * 60, time.monotonic())
+    progress = Progress(out / "loss.jsonl", budget)
+
+    captions, pixels = render_pool(pool, size, seed)
+    uses_shift = "shift_factor" in pipeline.vae.config and pipeline.vae.config.shift_factor is not None
+    if vae_from is not None:
+        donor = build_tiny_pipeline(family, trained=False)
+        load_vae_from(donor, vae_from)
+        pipeline.vae.load_state_dict(donor.vae.state_dict())
+        pipeline.vae.eval().requires_grad_(False)
+    else:
+        train_vae(pipeline.vae, pixels, budget, share=vae_share, batch_size=batch_size, generator=generator,
+                  progress=progress)
+    latents = encode_pool(pipeline.vae, pixels, uses_shift)
+
+    modules = trained_modules(pipeline)
+    parameters = [parameter for module in modules.values() for parameter in module.parameters()]
+    for module in modules.values():
+        module.train()
+    averages = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in modules.items()}
+    optimiser = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
+    objective = OBJECTIVES[family]
+    denoiser_started = budget.elapsed_s
     step = 0
-    while time.monotonic() - started < budget_s:
-        captions, pixels = batch(index, batch_size, size, seed)
-        index += batch_size
-        captions = [("" if torch.rand((), generator=generator) < CAPTION_DROPOUT else caption) for caption in captions]
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
-        tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        predicted = unet(noisy, timesteps, encoder_hidden_states=text_encoder(tokens)[0]).sample
-        loss = torch.nn.functional.mse_loss(predicted, noise)
+    while not budget.spent():
+        # Linear warm-up, then a cosine decay that reaches zero as the time runs out.
+        remaining = (budget.elapsed_s - denoiser_started) / max(1e-9, budget.total_s - denoiser_started)
+        scale = min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, remaining)))
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * scale
+        chosen = torch.randint(0, pool, (batch_size,), generator=generator)
+        loss = objective(pipeline, latents[chosen], [captions[int(index)] for index in chosen], generator)
         optimiser.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            for name, module in modules.items():
+                for average, current in zip(averages[name].parameters(), module.parameters(), strict=True):
+                    average.lerp_(current, 1 - decay)
         step += 1
         if step % 10 == 0:
-            log("denoiser", step, float(loss))
-    print(file=sys.stderr)
-    curve.close()
-    for module in (unet, text_encoder):
-        module.eval()
-    pipeline.save_pretrained(out, safe_serialization=True)
+            progress(family, step, float(loss))
+    progress.close()
+    for name, average in averages.items():
+        pipeline.register_modules(**{name: average})  # type: ignore[no-untyped-call]
+    pipeline.save_pretrained(out / "pipeline", safe_serialization=True)
+    weights = out / f"{family}.safetensors"
+    save_tiny_weights(pipeline, weights, {"steps": str(step), "minutes": f"{minutes:g}", "seed": str(seed)})
+    print(f"{family}: {step} denoiser steps in {budget.elapsed_s / 60:.1f} min; weights in {weights}",
+          file=sys.stderr)
+    return weights
+
+
+def load_vae_from(pipeline: Any, weights: Path) -> None:
+    """Load only the VAE (and its factors) of a trained family's weights file into ``pipeline``."""
+    from diffusers_backend.tiny_pipelines import load_tiny_weights
+
+    load_tiny_weights(pipeline, weights, components=("vae",))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/train-tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=FAMILIES)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--size", type=int, default=64, help="training images' side in pixels")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the weights, the loss curve, the pipeline")
+    parser.add_argument("--minutes", type=float, default=20.0, help="time budget, all stages (default %(default)s)")
+    parser.add_argument("--size", type=int, default=128, help="training images' side in pixels (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default %(default)s)")
+    parser.add_argument("--pool", type=int, default=4096, help="images rendered to train on (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--vae-share", type=float, default=0.25,
+                        help="share of the time for the VAE (default %(default)s)")
+    parser.add_argument("--vae-from", type=Path, help="a trained FAMILY.safetensors whose VAE to reuse, untrained")
+    parser.add_argument("--install", action="store_true",
+                        help="copy the weights to where --tiny, the demo and the tests load them from")
     arguments = parser.parse_args(argv)
-    train(arguments.family, arguments.out, arguments.minutes, size=arguments.size, batch_size=arguments.batch,
-          seed=arguments.seed)
+    weights = train(arguments.family, arguments.out, arguments.minutes, size=arguments.size,
+                    batch_size=arguments.batch, pool=arguments.pool, seed=arguments.seed,
+                    vae_share=arguments.vae_share, vae_from=arguments.vae_from,
+                    learning_rate=arguments.learning_rate)
+    if arguments.install:
+        from diffusers_backend.tiny_pipelines import TRAINED_WEIGHTS
+
+        shutil.copyfile(weights, TRAINED_WEIGHTS / weights.name)
+        print(f"installed {TRAINED_WEIGHTS / weights.name}", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,9 @@ from triton_launcher.repository import (
 
 
 @pytest.mark.parametrize("model", FAMILY_MODELS)
-def test_tiny_config_changes_only_name_kind_and_weights_when_derived(model: str, tmp_path: Path) -> None:
+def test_tiny_config_changes_only_name_kind_weights_and_trained_defaults_when_derived(
+    model: str, tmp_path: Path
+) -> None:
     real = (MODEL_REPOSITORY / model / "config.pbtxt").read_text()
     model_directory = tmp_path / "model_repository" / f"tiny-{model}"
     tiny = tiny_config(real, model, tmp_path / "pipelines" / f"tiny-{model}", model_directory)
@@ -30,6 +32,10 @@ def test_tiny_config_changes_only_name_kind_and_weights_when_derived(model: str,
     assert tiny_parameters["model_id"] == f"tiny-{model}"
     assert tiny_parameters["model_source"] == f"../../pipelines/tiny-{model}"
     assert "variant" not in tiny_parameters
+    # What the tiny models were trained for: 128 pixels, fewer steps for the UNets, 64 T5 tokens.
+    assert (tiny_parameters["default_width"], tiny_parameters["default_height"]) == ("128", "128")
+    assert tiny_parameters.get("default_steps") == {"sd15": "25", "sdxl": "25"}.get(model)
+    assert tiny_parameters.get("max_sequence_length") == {"sd3": "64", "flux": "64"}.get(model)
     unchanged = {key: value for key, value in real_parameters.items() if key not in {"model_id", "variant"}}
     assert unchanged.items() <= tiny_parameters.items()
     # The tensor contract and batching are the real model's.

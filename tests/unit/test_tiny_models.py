@@ -150,3 +150,80 @@ def test_build_tiny_pipeline_leaves_the_callers_random_stream_alone_when_buildin
     assert all(
         not module.training for module in pipeline.components.values() if isinstance(module, torch.nn.Module)
     )
+
+
+# --- tokenizers and trained weights (#15) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", tiny.TINY_FAMILIES)
+def test_every_caption_word_is_one_token_of_every_tokenizer_when_the_family_is_built(family: str) -> None:
+    from workbench import shapes
+
+    pipeline = tiny.build_tiny_pipeline(family)
+    words = sorted({word for scene in shapes.all_scenes() for word in scene.caption.split()})
+    tokenizers = {name: component for name, component in pipeline.components.items() if name.startswith("tokenizer")}
+    assert tokenizers
+    for name, tokenizer in tokenizers.items():
+        split = {word: tokenizer.tokenize(word) for word in words}
+        assert {word: pieces for word, pieces in split.items() if len(pieces) != 1} == {}, name
+    # Other words still tokenize, character by character.
+    assert len(pipeline.tokenizer.tokenize("quokka")) == len("quokka")
+
+
+def test_trained_weights_of_every_family_are_in_the_repository_within_40_mb() -> None:
+    from diffusers_backend import tiny_pipelines
+
+    files = {family: tiny_pipelines.trained_weights_file(family) for family in tiny.TINY_FAMILIES}
+    assert {family: path.is_file() for family, path in files.items()} == dict.fromkeys(tiny.TINY_FAMILIES, True)
+    assert sum(path.stat().st_size for path in files.values()) <= 40 * 1024 * 1024
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_saved_weights_load_back_into_a_fresh_pipeline_in_half_precision_with_the_vae_factors(
+    family: str, tmp_path: pathlib.Path
+) -> None:
+    from diffusers_backend import tiny_pipelines
+
+    source = tiny_pipelines.build_tiny_pipeline(family, trained=False)
+    with torch.no_grad():
+        for parameter in source.vae.parameters():
+            parameter.add_(0.25)
+    source.vae.register_to_config(scaling_factor=0.75, shift_factor=0.5 if family == "sd3" else None)
+    weights = tmp_path / f"{family}.safetensors"
+    tiny_pipelines.save_tiny_weights(source, weights, {"steps": "1"})
+
+    loaded = tiny_pipelines.build_tiny_pipeline(family, trained=False)
+    tiny_pipelines.load_tiny_weights(loaded, weights)
+
+    for name, component in source.components.items():
+        if isinstance(component, torch.nn.Module):
+            for (key, expected), actual in zip(component.named_parameters(),
+                                               getattr(loaded, name).parameters(), strict=True):
+                assert actual.dtype == torch.float32
+                assert torch.equal(actual, expected.to(torch.float16).to(torch.float32)), f"{name}.{key}"
+    assert loaded.vae.config.scaling_factor == 0.75
+    assert loaded.vae.config.get("shift_factor") == (0.5 if family == "sd3" else None)
+
+
+def test_weights_of_another_family_are_refused_with_the_parameters_that_do_not_fit(tmp_path: pathlib.Path) -> None:
+    from diffusers_backend import tiny_pipelines
+
+    weights = tmp_path / "sd15.safetensors"
+    tiny_pipelines.save_tiny_weights(tiny_pipelines.build_tiny_pipeline("sd15", trained=False), weights, {})
+    sdxl = tiny_pipelines.build_tiny_pipeline("sdxl", trained=False)
+
+    with pytest.raises(ValueError, match=r"does not fit the tiny .*retrain it with scripts/train-tiny"):
+        tiny_pipelines.load_tiny_weights(sdxl, weights)
+
+
+def test_the_fingerprint_changes_when_trained_weights_change(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights_folder = tmp_path / "tiny_weights"
+    weights_folder.mkdir()
+    monkeypatch.setattr(tiny, "_TRAINED_WEIGHTS", weights_folder)
+    (weights_folder / "sd15.safetensors").write_bytes(b"first training")
+    first = tiny.builder_fingerprint()
+    (weights_folder / "sd15.safetensors").write_bytes(b"second training")
+
+    assert tiny.builder_fingerprint() != first
