@@ -22,12 +22,14 @@ from triton_launcher.server import TritonServer, loopback_options
 
 logger = logging.getLogger("workbench.demo")
 
+# The tiny models were trained on captioned shapes (workbench/shapes.py), so these are what they can draw.
 PROMPTS = {
-    "sd15": "a lighthouse on a cliff at dawn, oil painting",
-    "sdxl": "a red fox in fresh snow, golden hour",
-    "sd3": "a bowl of ramen on a wooden table, studio photo",
-    "flux": "a paper boat on a rainy street, macro shot",
+    "sd15": "a red circle on a white background",
+    "sdxl": "a blue square on a gray background",
+    "sd3": "a yellow triangle on a black background",
+    "flux": "an orange square on the right on a white background",
 }
+BOB_PROMPT = "a purple circle on the left on a black background"
 
 
 def positive_multiple_of_16(text: str) -> int:
@@ -47,9 +49,10 @@ def positive_integer(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default: %(default)s)")
-    parser.add_argument("--width", type=positive_multiple_of_16, default=256, help="default: %(default)s")
-    parser.add_argument("--height", type=positive_multiple_of_16, default=256, help="default: %(default)s")
-    parser.add_argument("--steps", type=positive_integer, default=4, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--width", type=positive_multiple_of_16,
+                        help="default: the models' own, the 128 pixels they were trained at")
+    parser.add_argument("--height", type=positive_multiple_of_16, help="default: the models' own (128)")
+    parser.add_argument("--steps", type=positive_integer, help="denoising steps (default: each model's own)")
     parser.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except (LauncherError, CapabilityError) as error:
             print(f"scripts/demo: {error}", file=sys.stderr)
             return 1
-    print(f"wrote {len(FAMILY_MODELS)} images to {arguments.out.resolve()}")
+    print(f"wrote {len(FAMILY_MODELS) + 1} images to {arguments.out.resolve()}")
     return 0
 
 
@@ -77,24 +80,21 @@ def run_demo(layer: CapabilityLayer, server_url: str, arguments: argparse.Namesp
         "server_url": server_url, "default_model": "tiny-sd15", "max_concurrent": 2,
     }).give("alice")
     print(f"operator minted {alice_cap.id} (every model at {server_url}) and gave it to alice")
+    chosen = {key: value for key, value in (("width", arguments.width), ("height", arguments.height),
+                                            ("numInferenceSteps", arguments.steps)) if value is not None}
     for family in FAMILY_MODELS:
         model = TINY_PREFIX + family
         begun = time.monotonic()
-        result = alice_cap.text_to_image(PROMPTS[family], {
-            "modelId": model, "width": arguments.width, "height": arguments.height,
-            "numInferenceSteps": arguments.steps, "seed": arguments.seed,
-        })
+        result = alice_cap.text_to_image(PROMPTS[family], {"modelId": model, "seed": arguments.seed, **chosen})
         path = arguments.out / f"{model}.png"
         path.write_bytes(base64.b64decode(result["image"]))
         print(f"{path}  {result['width']}x{result['height']}  seed {result['seed']}  "
-              f"{time.monotonic() - begun:.2f} s", flush=True)
+              f"{time.monotonic() - begun:.2f} s  {PROMPTS[family]!r}", flush=True)
 
     # The same request on the streaming variant: progress after every step, then the very same image.
     steps_reported: list[int] = []
-    streamed = alice_cap.text_to_image(PROMPTS["sd15"], {
-        "modelId": "tiny-sd15", "width": arguments.width, "height": arguments.height,
-        "numInferenceSteps": arguments.steps, "seed": arguments.seed,
-    }, on_progress=lambda progress: steps_reported.append(progress.steps_done))
+    streamed = alice_cap.text_to_image(PROMPTS["sd15"], {"modelId": "tiny-sd15", "seed": arguments.seed, **chosen},
+                                       on_progress=lambda progress: steps_reported.append(progress.steps_done))
     same = streamed["image"] == base64.b64encode((arguments.out / "tiny-sd15.png").read_bytes()).decode()
     print(f"alice watched tiny-sd15 again with progress: steps {steps_reported[0]}..{steps_reported[-1]} reported, "
           f"{'the same' if same else 'a different'} image")
@@ -102,12 +102,15 @@ def run_demo(layer: CapabilityLayer, server_url: str, arguments: argparse.Namesp
     bob_cap = alice_cap.delegate({"allowed_models": ["tiny-sd15"], "max_width": 256, "max_height": 256,
                                   "max_steps": 8}).give("bob")
     print(f"alice delegated {bob_cap.id} (tiny-sd15 only, up to 256x256, 8 steps) and gave it to bob")
-    result = bob_cap.text_to_image("a small red boat", {"width": 128, "height": 128, "numInferenceSteps": 4})
-    print(f"bob generated {result['width']}x{result['height']} with {result['model']}")
+    result = bob_cap.text_to_image(BOB_PROMPT, {"width": 128, "height": 128, "numInferenceSteps": 8,
+                                               "seed": arguments.seed})
+    path = arguments.out / "bob-tiny-sd15.png"
+    path.write_bytes(base64.b64decode(result["image"]))
+    print(f"bob generated {path} {result['width']}x{result['height']} with {result['model']}  {BOB_PROMPT!r}")
     for options in ({"modelId": "tiny-flux", "width": 128, "height": 128, "numInferenceSteps": 4},
                     {"width": 512, "height": 512, "numInferenceSteps": 4}):
         try:
-            bob_cap.text_to_image("a small red boat", options)
+            bob_cap.text_to_image(BOB_PROMPT, options)
         except DeniedError as refusal:
             print(f"bob refused, as he should be: {refusal}")
 

@@ -57,10 +57,13 @@ def test_negative_prompt_changes_the_image_when_family_uses_it(generator: Genera
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
-def test_defaults_come_from_the_pipeline_when_options_are_omitted(generator: Generator, model: str) -> None:
+def test_defaults_are_the_size_the_model_was_trained_at_when_options_are_omitted(
+    generator: Generator, model: str
+) -> None:
     generated = generator.generate(model, width=None, height=None, num_inference_steps=1)
-    native = 1024 if model == "tiny-flux" else 256  # FluxPipeline's fixed default; UNet/SD3 sample_size x 8
-    assert generated.image.shape == (native, native, 3)
+    # The size the tiny models were trained at: UNet/SD3 sample_size x 8, and the tiny config's default_width
+    # and default_height (which also replace FluxPipeline's fixed 1024).
+    assert generated.image.shape == (128, 128, 3)
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)

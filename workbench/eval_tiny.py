@@ -1,0 +1,170 @@
+"""``scripts/eval-tiny``: how well the tiny models draw what a caption asks, through the real server (#15).
+
+Starts tritonserver with the tiny repository, renders the held-out captions of :mod:`workbench.shapes` (never
+trained on) with a few seeds through each tiny model, at the model's defaults (size, steps, guidance) unless told
+otherwise, and scores every image with the classifier of :mod:`workbench.shapes`: is the shape's colour the
+caption's, is its outline the caption's shape. Prints one line per family, writes ``scores.json`` and one contact
+sheet per family (``tiny-FAMILY.png``, the images in caption order, a row per seed) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference_client import contract
+
+from . import shapes
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+DEFAULT_SEEDS = (0, 1)
+
+
+@dataclass
+class Scores:
+    """One model's results on a set of captions."""
+
+    model: str
+    images: int = 0
+    colours_right: int = 0
+    shapes_right: int = 0
+    mean_colour_share: float = 0.0
+    """The mean share of each image's pixels near its caption's colour."""
+    mistakes: list[str] = field(default_factory=list)
+
+    @property
+    def colour_accuracy(self) -> float:
+        return self.colours_right / self.images if self.images else 0.0
+
+    @property
+    def shape_accuracy(self) -> float:
+        return self.shapes_right / self.images if self.images else 0.0
+
+    def line(self) -> str:
+        return (f"{self.model:<10} colours {self.colour_accuracy:6.1%}  shapes {self.shape_accuracy:6.1%}  "
+                f"colour share {self.mean_colour_share:5.3f}  ({self.images} images)")
+
+
+class Renderer:
+    """Sends one caption at a time to a tiny model over HTTP and returns the image as an RGB uint8 array."""
+
+    def __init__(self, server: Any) -> None:
+        from inference_client import triton
+
+        self.server = server
+        self.triton = triton
+        self.client = server.http_client(timeout_s=300)
+
+    def __call__(self, model: str, caption: str, seed: int, **options: Any) -> np.ndarray:
+        request = contract.TextToImage(caption, seed=seed, **options)
+        result = self.client.infer(model, self.triton.http_inputs(request), outputs=self.triton.http_outputs(),
+                                   headers=self.server.headers)
+        image: np.ndarray = contract.read_result(result).image
+        return image
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def score(render: Renderer, model: str, scenes: Sequence[shapes.Scene], seeds: Sequence[int],
+          **options: Any) -> tuple[Scores, list[list[np.ndarray]]]:
+    """``model``'s scores on ``scenes`` drawn with each of ``seeds``, and the images (a row per seed)."""
+    scores = Scores(model)
+    rows: list[list[np.ndarray]] = []
+    shares = []
+    for seed in seeds:
+        row = []
+        for scene in scenes:
+            image = render(model, scene.caption, seed, **options)
+            row.append(image)
+            judgement = shapes.judge(image, scene.colour)
+            scores.images += 1
+            scores.colours_right += judgement.colour == scene.colour
+            scores.shapes_right += judgement.shape == scene.shape
+            shares.append(judgement.colour_share)
+            if (judgement.colour, judgement.shape) != (scene.colour, scene.shape):
+                scores.mistakes.append(f"seed {seed}: {scene.caption!r} drawn as {judgement.colour} "
+                                       f"{judgement.shape}")
+        rows.append(row)
+    scores.mean_colour_share = float(np.mean(shares)) if shares else 0.0
+    return scores, rows
+
+
+def contact_sheet(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """The images on a grid, a row per seed, with a ``gap``-pixel white margin."""
+    height, width = rows[0][0].shape[:2]
+    columns = max(len(row) for row in rows)
+    sheet = np.full((gap + len(rows) * (height + gap), gap + columns * (width + gap), 3), 255, dtype=np.uint8)
+    for row_index, row in enumerate(rows):
+        for column_index, image in enumerate(row):
+            top, left = gap + row_index * (height + gap), gap + column_index * (width + gap)
+            sheet[top:top + height, left:left + width] = image
+    return sheet
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    from capability.png import encode_png
+
+    path.write_bytes(encode_png(image))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from triton_launcher.repository import TINY_PREFIX, build_tiny_repository
+    from triton_launcher.server import TritonServer, loopback_options
+
+    parser = argparse.ArgumentParser(prog="scripts/eval-tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("families", nargs="*", metavar="FAMILY",
+                        help=f"families to evaluate, of {', '.join(FAMILIES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for scores.json and the sheets")
+    parser.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds per caption (default 2)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: each model's own)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: each model's own)")
+    parser.add_argument("--all-captions", action="store_true",
+                        help="every caption, trained on or not (default: the held-out ones only)")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    families = arguments.families or list(FAMILIES)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown family {', '.join(unknown)}: the families are {', '.join(FAMILIES)}")
+    if arguments.seeds < 1:
+        parser.error(f"--seeds {arguments.seeds} is invalid: at least one seed")
+    scenes = shapes.all_scenes() if arguments.all_captions else shapes.evaluation_scenes()
+    seeds = list(range(arguments.seeds))
+    options = {key: value for key, value in (("guidance_scale", arguments.guidance),
+                                             ("num_inference_steps", arguments.steps)) if value is not None}
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    repository = build_tiny_repository(families=families, streaming=())
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="eval-tiny-") as state_dir, \
+            TritonServer(loopback_options(repository, Path(state_dir), ready_timeout_s=300)) as server:
+        render = Renderer(server)
+        try:
+            for family in families:
+                model = TINY_PREFIX + family
+                scores, rows = score(render, model, scenes, seeds, **options)
+                write_png(arguments.out / f"{model}.png", contact_sheet(rows))
+                results[model] = {**asdict(scores), "colour_accuracy": scores.colour_accuracy,
+                                  "shape_accuracy": scores.shape_accuracy}
+                print(scores.line(), flush=True)
+        finally:
+            render.close()
+    report = {"captions": [scene.caption for scene in scenes], "seeds": seeds, "options": options,
+              "models": results}
+    (arguments.out / "scores.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"scores and contact sheets in {arguments.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
