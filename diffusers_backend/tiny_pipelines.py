@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import pathlib
 import string
 import tempfile
@@ -54,6 +55,8 @@ from transformers import (
 )
 
 from .tiny import TINY_FAMILIES, TINY_NATIVE_SIZE, check_family
+
+_logger = logging.getLogger(__name__)
 
 _BUILD_SEED = 0
 
@@ -210,7 +213,11 @@ _SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 _SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "sample_size": _NATIVE_LATENT_SIDE,
+    # Not the native side (the model config says 128 px) but the scale of the sine-cosine position table: patch
+    # positions step by (sample_size / patch_size) / pos_embed_max_size, 1/3 here as in the real SD3
+    # (64 / 192). With the native 16 they stepped by 1/12, and every patch's position looked alike to the
+    # model: trained so, it drew scattered blobs in place of one shape.
+    "sample_size": 64,
     "patch_size": 2,
     "in_channels": 16,
     "out_channels": 16,
@@ -514,8 +521,12 @@ def build_tiny_pipeline(family: str, *, trained: bool = True) -> DiffusionPipeli
         if isinstance(component, torch.nn.Module):
             component.eval()
     weights = trained_weights_file(family)
-    if trained and weights.is_file():
-        load_tiny_weights(pipeline, weights)
+    if trained:
+        if weights.is_file():
+            load_tiny_weights(pipeline, weights)
+        else:
+            _logger.warning("no trained weights for the tiny %s at %s: its weights are random "
+                            "(scripts/train-tiny %s --install trains them)", family, weights, family)
     return pipeline
 
 
