@@ -14,7 +14,9 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,36 +57,58 @@ class Scores:
 
 
 class Renderer:
-    """Sends one caption at a time to a tiny model over HTTP and returns the image as an RGB uint8 array."""
+    """Sends captions to a tiny model over HTTP, ``concurrency`` at a time (the tiny models have as many
+    instances as the machine has cores to share), and returns each image as an RGB uint8 array.
 
-    def __init__(self, server: Any) -> None:
+    One HTTP client per thread: tritonclient's HTTP client is not meant to be shared between threads.
+    """
+
+    def __init__(self, server: Any, concurrency: int = 2) -> None:
         from inference_client import triton
 
         self.server = server
         self.triton = triton
-        self.client = server.http_client(timeout_s=300)
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._clients_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval-tiny")
 
-    def __call__(self, model: str, caption: str, seed: int, **options: Any) -> np.ndarray:
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self.server.http_client(timeout_s=300)
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def render(self, model: str, caption: str, seed: int, **options: Any) -> np.ndarray:
         request = contract.TextToImage(caption, seed=seed, **options)
-        result = self.client.infer(model, self.triton.http_inputs(request), outputs=self.triton.http_outputs(),
-                                   headers=self.server.headers)
+        result = self._client().infer(model, self.triton.http_inputs(request), outputs=self.triton.http_outputs(),
+                                      headers=self.server.headers)
         image: np.ndarray = contract.read_result(result).image
         return image
 
+    def render_all(self, model: str, jobs: Sequence[tuple[str, int]], **options: Any) -> list[np.ndarray]:
+        """The images of ``jobs`` (caption, seed), in their order."""
+        return list(self._pool.map(lambda job: self.render(model, job[0], job[1], **options), jobs))
+
     def close(self) -> None:
-        self.client.close()
+        self._pool.shutdown()
+        for client in self._clients:
+            client.close()
 
 
 def score(render: Renderer, model: str, scenes: Sequence[shapes.Scene], seeds: Sequence[int],
           **options: Any) -> tuple[Scores, list[list[np.ndarray]]]:
     """``model``'s scores on ``scenes`` drawn with each of ``seeds``, and the images (a row per seed)."""
     scores = Scores(model)
+    images = iter(render.render_all(model, [(scene.caption, seed) for seed in seeds for scene in scenes], **options))
     rows: list[list[np.ndarray]] = []
     shares = []
     for seed in seeds:
         row = []
         for scene in scenes:
-            image = render(model, scene.caption, seed, **options)
+            image = next(images)
             row.append(image)
             judgement = shapes.judge(image, scene.colour)
             scores.images += 1
