@@ -27,6 +27,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "black
 POSITIONS = ("", "on the left", "on the right")
 SUPERSAMPLING = 4
 HELD_OUT_PERCENT = 10
+BORDER_INSET = 2
+"""How far inside the border the judge reads the background (the shapes keep at least 4 pixels off it at 128)."""
 """Captions whose hash falls in the first this many percent are never trained on: the evaluation's set."""
 
 
@@ -127,17 +129,49 @@ def colour_share(image: np.ndarray, colour: str, tolerance: float = 80.0) -> flo
 
 
 def judge(image: np.ndarray, expected_colour: str | None = None) -> Judgement:
-    """The shape and colour an image shows: None for either when there is no clear foreground."""
+    """The shape and colour an image shows: None for either when there is no clear foreground.
+
+    The background is read from a ring just inside the border: a generated image's outermost pixel or two are
+    often darker (the convolutions' zero padding), and taken as the background they made all of a white
+    background look like foreground. The shape is the largest connected patch of foreground, so stray specks
+    neither stretch its box nor tint its colour.
+    """
     pixels = image.astype(np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    foreground = np.linalg.norm(pixels - background, axis=-1) > 60
+    inset = BORDER_INSET
+    ring = np.concatenate([pixels[inset], pixels[-1 - inset], pixels[:, inset], pixels[:, -1 - inset]])
+    background = np.median(ring, axis=0)
     share = colour_share(image, expected_colour) if expected_colour else 0.0
+    foreground = _largest_patch(np.linalg.norm(pixels - background, axis=-1) > 60)
     if foreground.sum() < 0.02 * foreground.size:
         return Judgement(colour=None, shape=None, colour_share=share)
     median = np.median(pixels[foreground], axis=0)
     colour = min(COLOURS, key=lambda name: float(np.linalg.norm(median - np.array(COLOURS[name]))))
     return Judgement(colour=colour, shape=_shape(foreground), colour_share=share)
+
+
+def _largest_patch(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of ``mask`` (all False if it has none)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    height, width = mask.shape
+    best_label, best_size, label = 0, 0, 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start] = label
+        stack, size = [start], 0
+        while stack:
+            row, column = stack.pop()
+            size += 1
+            for neighbour in ((row - 1, column), (row + 1, column), (row, column - 1), (row, column + 1)):
+                if (0 <= neighbour[0] < height and 0 <= neighbour[1] < width and mask[neighbour]
+                        and not labels[neighbour]):
+                    labels[neighbour] = label
+                    stack.append(neighbour)
+        if size > best_size:
+            best_label, best_size = label, size
+    result: np.ndarray = labels == best_label if best_size else np.zeros_like(mask)
+    return result
 
 
 def _shape(mask: np.ndarray) -> str:

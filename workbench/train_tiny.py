@@ -45,6 +45,7 @@ VAE_CROP = 64
 EMA_DECAY = 0.995
 WARMUP_STEPS = 50
 OFFSET_NOISE = 0.1
+MIN_SNR_GAMMA = 5.0
 """SD1.5's and SDXL's noise schedules never quite destroy the image (the last step keeps about 7 % of it), so a
 model trained on plain Gaussian noise learns to read an image's overall colour from the noise's own mean, which
 at sampling time is random: the backgrounds come out tinted. Noise that is partly constant over each latent
@@ -162,7 +163,15 @@ def _noise_prediction_loss(pipeline: Any, latents: Any, generator: Any, **unet_i
     timesteps = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = schedule.add_noise(latents, noise, timesteps)
     predicted = pipeline.unet(noisy, timesteps, **unet_inputs).sample
-    return torch.nn.functional.mse_loss(predicted, noise)
+    # Min-SNR weighting (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", 2023): noise
+    # prediction is easiest where there is most noise, yet that is where a picture's colours and layout are
+    # decided, and where a caption matters most; capping the weight of the nearly clean steps at gamma/SNR makes
+    # training spend its steps there.
+    alphas = schedule.alphas_cumprod[timesteps]
+    signal_to_noise = alphas / (1 - alphas)
+    weights = torch.clamp(signal_to_noise, max=MIN_SNR_GAMMA) / signal_to_noise
+    errors = torch.nn.functional.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (weights * errors).mean()
 
 
 def _flow_sample(pipeline: Any, latents: Any, generator: Any) -> tuple[Any, Any, Any]:

@@ -48,3 +48,20 @@ def test_an_image_without_a_clear_shape_is_judged_as_nothing_or_not_the_caption(
     if fill == "blank":
         assert (judged.colour, judged.shape) == (None, None)
     assert judged.colour_share < 0.2
+
+
+def test_a_dark_frame_and_stray_specks_do_not_fool_the_judge() -> None:
+    """What generated images look like: their outermost pixel darker (zero padding), and specks far from the
+    shape. Neither may turn the background into foreground or stretch the shape's box."""
+    rng = np.random.default_rng(7)
+    for scene in (shapes.Scene("circle", "green", "white"), shapes.Scene("square", "red", "gray", "on the left"),
+                  shapes.Scene("triangle", "blue", "black", "on the right")):
+        image = shapes.render(scene, 128, rng).astype(np.int16)
+        image[0, :] = image[-1, :] = image[:, 0] = image[:, -1] = np.clip(image[0, 0] - 70, 0, 255)
+        for row, column in rng.integers(6, 122, size=(12, 2)):
+            if np.all(image[row, column] == image[6, 6]):  # a background pixel
+                image[row:row + 2, column:column + 2] = shapes.COLOURS["yellow"]
+
+        judgement = shapes.judge(image.astype(np.uint8), scene.colour)
+
+        assert (judgement.colour, judgement.shape) == (scene.colour, scene.shape)
