@@ -121,11 +121,15 @@ class Judgement:
     """The share of the image's pixels that are near the caption's colour (0 to 1)."""
 
 
-def colour_share(image: np.ndarray, colour: str, tolerance: float = 80.0) -> float:
-    """The share of pixels within ``tolerance`` (RGB distance) of ``colour``."""
-    target = np.array(COLOURS[colour], dtype=np.float64)
-    distance = np.linalg.norm(image.astype(np.float64) - target, axis=-1)
-    return float((distance <= tolerance).mean())
+def colour_share(image: np.ndarray, colour: str) -> float:
+    """The share of pixels nearer (in RGB) to ``colour`` than to any other colour or background of the data set.
+
+    Nearest rather than within a fixed distance: a small model draws a darker or paler green than the data's, and
+    that is still green, not black or white.
+    """
+    palette = np.array([*COLOURS.values(), *BACKGROUNDS.values()], dtype=np.float64)
+    distances = np.linalg.norm(image.astype(np.float64)[..., None, :] - palette, axis=-1)
+    return float((distances.argmin(axis=-1) == list(COLOURS).index(colour)).mean())
 
 
 def judge(image: np.ndarray, expected_colour: str | None = None) -> Judgement:
