@@ -99,12 +99,12 @@ def run_demo(layer: CapabilityLayer, server_url: str, arguments: argparse.Namesp
     print(f"alice watched tiny-sd15 again with progress: steps {steps_reported[0]}..{steps_reported[-1]} reported, "
           f"{'the same' if same else 'a different'} image")
 
-    bob_cap = alice_cap.delegate({"allowed_models": ["tiny-sd15"], "max_width": 256, "max_height": 256,
-                                  "max_steps": 8}).give("bob")
-    print(f"alice delegated {bob_cap.id} (tiny-sd15 only, up to 256x256, 8 steps) and gave it to bob")
-    result = bob_cap.text_to_image(BOB_PROMPT, {"width": 128, "height": 128, "numInferenceSteps": 8,
+    bob_cap = alice_cap.delegate({"allowed_models": ["tiny-sdxl"], "max_width": 256, "max_height": 256,
+                                  "max_steps": 25}).give("bob")
+    print(f"alice delegated {bob_cap.id} (tiny-sdxl only, up to 256x256, 25 steps) and gave it to bob")
+    result = bob_cap.text_to_image(BOB_PROMPT, {"width": 128, "height": 128, "numInferenceSteps": 25,
                                                "seed": arguments.seed})
-    path = arguments.out / "bob-tiny-sd15.png"
+    path = arguments.out / "bob-tiny-sdxl.png"
     path.write_bytes(base64.b64decode(result["image"]))
     print(f"bob generated {path} {result['width']}x{result['height']} with {result['model']}  {BOB_PROMPT!r}")
     for options in ({"modelId": "tiny-flux", "width": 128, "height": 128, "numInferenceSteps": 4},

@@ -69,7 +69,7 @@ def test_added_model_generates_an_image_of_the_requested_size(added_server: Gene
 
 def test_added_v_prediction_model_serves_at_its_native_size_by_default(added_server: Generator) -> None:
     generated = added_server.generate("sd21-v", width=None, height=None)
-    assert generated.image.shape == (256, 256, 3)  # the tiny UNet's sample_size 32 times the VAE's 8
+    assert generated.image.shape == (128, 128, 3)  # the tiny UNet's sample_size 16 times the VAE's 8
 
 
 def test_added_turbo_model_defaults_to_one_step_without_guidance(added_server: Generator) -> None:
