@@ -56,7 +56,7 @@ def test_seed_example_simple_generation_uses_the_default_model_when_no_options_a
 ) -> None:
     gen_cap = mint(layer, authority, tiny_server, default_model="tiny-sd15")
     result = gen_cap.text_to_image("a beautiful sunset over mountains")
-    assert decoded(result).size == (256, 256)  # the tiny SD1.5's native size
+    assert decoded(result).size == (128, 128)  # the tiny SD1.5's native size
     assert result["model"] == "tiny-sd15"
     assert isinstance(result["seed"], int)
 
