@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from capability import CapabilityLayer
 from capability.tokens import Tokens
@@ -17,6 +21,18 @@ from triton_launcher.server import ServerOptions, TritonServer, loopback_options
 from workbench.service import ServiceProcess
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+
+
+def png_pixels(encoded: str) -> np.ndarray:
+    """A base64 PNG of the capability layer's answers as an RGB uint8 array."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"))
+
+
+def assert_same_image(image: np.ndarray, reference: np.ndarray) -> None:
+    """The same seed's image: equal within one uint8 step (the stubs' thread count, which the CPU core sharing
+    varies, changes the order of float sums; docs/contract.md#reproducibility)."""
+    assert image.shape == reference.shape
+    assert np.abs(image.astype(np.int16) - reference.astype(np.int16)).max() <= 1
 TINY_MODELS = tuple(f"tiny-{family}" for family in FAMILIES)
 # Families whose pipeline uses guidance and a negative prompt by default (tiny-flux mirrors FLUX.1-schnell).
 GUIDED_MODELS = ("tiny-sd15", "tiny-sdxl", "tiny-sd3")

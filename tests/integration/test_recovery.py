@@ -27,6 +27,7 @@ from triton_launcher.repository import TINY_CPU_INSTANCES, build_tiny_repository
 from triton_launcher.server import TritonServer, loopback_options
 from triton_launcher.watchdog import Watchdog
 
+from .conftest import assert_same_image
 from .test_capability import decoded
 
 MODEL = "tiny-sd15"
@@ -159,13 +160,6 @@ def test_a_killed_server_comes_back_on_the_same_url_and_unseeded_callers_are_tol
     assert generate(watched.impatient, seed=None).shape == (64, 64, 3)
     assert watched.held_leases() == 0
     assert any(fault.reason.startswith("tritonserver exited") for fault in watched.watchdog.faults)
-
-
-def assert_same_image(image: np.ndarray, reference: np.ndarray) -> None:
-    """The same seed's image: equal within one uint8 step (the stubs' thread count, which the CPU core sharing
-    varies, changes the order of float sums)."""
-    assert image.shape == reference.shape
-    assert np.abs(image.astype(np.int16) - reference.astype(np.int16)).max() <= 1
 
 
 def _wait_for_busy_stub(watched: Watched, cpu_before: dict[int, float]) -> psutil.Process:

@@ -31,6 +31,8 @@ if haproxy_binary() is None:
 from workbench.replicas import GRPC_BACKEND, HTTP_BACKEND, LocalCluster
 from workbench.waiting import wait_until
 
+from .conftest import assert_same_image, png_pixels
+
 MODEL = "tiny-sd15"
 SPAWN = multiprocessing.get_context("spawn")
 QUICK = {"width": 64, "height": 64, "numInferenceSteps": 2, "modelId": MODEL}
@@ -195,7 +197,9 @@ def test_progress_streams_through_the_proxys_grpc_side(cluster: LocalCluster, st
     total = progress[-1].steps  # the scheduler's passes: SD1.5's PNDM makes one more than asked
     assert [report.steps_done for report in progress] == list(range(1, total + 1))
     assert total >= 4
-    assert streamed["image"] == plain["image"]  # the streaming variant on one replica, the plain one on any
+    # The streaming variant on one replica, the plain one on any, each maybe beside the proxy's inference health
+    # check on another instance: the same image within one uint8 step (docs/contract.md#reproducibility).
+    assert_same_image(png_pixels(streamed["image"]), png_pixels(plain["image"]))
     streams = [request for request in cluster.proxy.requests()[logged:] if request.backend == GRPC_BACKEND]
     # One bidirectional stream (HTTP/2 requests are logged with their authority).
     assert len(streams) == 1
