@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true",
                         help="copy the weights to where --tiny, the demo and the tests load them from")
     arguments = parser.parse_args(argv)
+    if arguments.vae_from is not None and not arguments.vae_from.is_file():
+        parser.error(f"--vae-from {arguments.vae_from} is invalid: no such file (a FAMILY.safetensors written by "
+                     "scripts/train-tiny)")
     weights = train(arguments.family, arguments.out, arguments.minutes, size=arguments.size,
                     batch_size=arguments.batch, pool=arguments.pool, seed=arguments.seed,
                     vae_share=arguments.vae_share, vae_from=arguments.vae_from,
