@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from .settings import ModelSettings
 from .validation import GenerationRequest, RequestLimits, parse_request
 
 logger = logging.getLogger(__name__)
+
+ErrorOutcome = TypeVar("ErrorOutcome", bound=DiffusersBackendError)
 
 WARM_UP_SIDE = 64
 """Side of the warm-up image: a multiple of every family's size multiple, cheap on any device."""
@@ -136,7 +138,7 @@ class DiffusersService:
                 positions.append(position)
             except InvalidRequestError as error:
                 logger.info("%s: request refused: %s %s", self.model_id, error.field, error.rule)
-                outcomes[position] = error
+                outcomes[position] = _without_tracebacks(error)
                 self.observer.request_ended_before_pipeline(error)
 
         groups = group_requests(parsed)
@@ -161,10 +163,10 @@ class DiffusersService:
                 images = self.generator.generate(requests, stop_requested, observed_on_step)
             except RequestCancelledError as error:
                 logger.info("%s: %d request(s) %s", self.model_id, len(group), error)
-                results: list[Outcome] = [error] * len(group)
+                results: list[Outcome] = [_without_tracebacks(error)] * len(group)
             except GenerationError as error:
                 logger.error("%s: generation failed for %d request(s): %s", self.model_id, len(group), error)
-                results = [error] * len(group)
+                results = [_without_tracebacks(error)] * len(group)
             except Exception as error:  # one failing call must not take the others down
                 logger.exception("%s: pipeline call failed for %d request(s)", self.model_id, len(group))
                 failure = GenerationError(f"the pipeline failed: {type(error).__name__}: {error}")
@@ -189,6 +191,23 @@ class DiffusersService:
         cancelled = RequestCancelledError("cancelled by the caller before it started")
         self.observer.request_ended_before_pipeline(cancelled)
         return cancelled
+
+
+def _without_tracebacks(error: ErrorOutcome) -> ErrorOutcome:
+    """``error``, and the errors it was raised from, with their tracebacks dropped, to be kept as an outcome.
+
+    A caught error kept in this frame's ``outcomes`` is a reference cycle (its traceback holds the frame), which
+    only the cyclic garbage collector breaks; until it runs, the frames of ``parse_request`` or of the pipeline
+    keep what they held alive: a refused multi-megabyte prompt, a cancelled batch's latents. The messages are
+    all a response needs, and anything worth a traceback was logged with one.
+    """
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    return error
 
 
 def _all_cancelled(callers: Sequence[Caller]) -> bool:

@@ -324,3 +324,26 @@ def test_the_model_serves_without_metrics_when_triton_refuses_them(
     (response,) = answers(model, [request(prompt="a", width=64, height=32, seed=7)])
     assert response.error is None
     model.finalize()
+
+
+def test_refused_and_failed_requests_free_their_inputs_without_the_garbage_collector() -> None:
+    # A caught error kept as an outcome held its traceback, so the frames that parsed the request (and with them
+    # a hostile multi-megabyte prompt) stayed alive until a collection: tens of MiB in a stub under such load.
+    import gc
+    import weakref
+
+    generator = RecordingGenerator(fail_width=64)
+    service = DiffusersService(generator, RequestLimits.for_model(SD15_TRAITS, ModelSettings("m")), "m")
+    refused = {"PROMPT": np.array([[b"\xff" * 2**20]], dtype=np.object_)}
+    failing = {"PROMPT": np.array([[b"a cat"]], dtype=np.object_), "WIDTH": np.array([[64]], dtype=np.int32)}
+    watched: list[weakref.ref[np.ndarray]] = [weakref.ref(refused["PROMPT"]), weakref.ref(failing["PROMPT"])]
+    gc.disable()
+    try:
+        outcomes = service.execute([refused, failing])
+        assert [type(outcome) for outcome in outcomes] == [InvalidRequestError, GenerationError]
+        assert "PROMPT" in str(outcomes[0])
+        assert "out of memory" in str(outcomes[1])
+        del refused, failing
+        assert [reference() for reference in watched] == [None, None]
+    finally:
+        gc.enable()
