@@ -266,10 +266,10 @@ def unique_memory(server: TritonServer) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def single_instance_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A server of its own whose fuzzed models have one instance each, so every request reaches the stub that was
-    warmed up. With the tiny repository's two, the rate limiter hands lone requests to the spare instance once
-    the first has run a thousand times as often; that stub's allocator then grows by its first-use share (about
-    20 MiB, measured) in whichever phase the switch falls, which is no leak."""
+    """A server of its own whose fuzzed models have one instance each, so every request reaches the stub that the
+    first phase warmed up. With the tiny repository's two, the rate limiter hands lone requests to the spare
+    instance once the first has run a thousand times as often, and a stub's first 3 MiB requests grow its heap
+    (see MEMORY_GROWTH_BOUND) in whichever phase that switch falls: no leak, but not what this test measures."""
     root = tmp_path_factory.mktemp("fuzz-memory")
     repository = build_tiny_repository(repository=root / "model_repository",
                                        families=[model.removeprefix("tiny-") for model in FUZZED_MODELS], streaming=())
