@@ -49,6 +49,14 @@ TINY_DEFAULT_STEPS = {"sd15": 25, "sdxl": 25}
 """Denoising steps of the tiny UNet models when a request names none (the real ones' default is 50): enough for
 their schedulers to draw what they were trained on, at half the cost."""
 
+TINY_DEFAULT_GUIDANCE = {"sd15": 3.0, "sdxl": 2.0, "sd3": 2.0}
+"""Classifier-free guidance scale of the tiny models when a request names none (the real ones' 7.5, 5 and 7).
+
+Small models trained briefly overshoot at the real defaults: the colours come out wrong and saturated. Measured
+with ``scripts/eval-tiny FAMILY --guidance G`` on the held-out captions (docs/models.md); tiny-flux, like
+FLUX.1-schnell, takes no guidance.
+"""
+
 TINY_T5_SEQUENCE_LENGTH = 64
 """T5 tokens the tiny SD3 and FLUX models are trained and served with (their ``max_sequence_length``).
 

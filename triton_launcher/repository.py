@@ -13,7 +13,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from diffusers_backend.families import FAMILIES
-from diffusers_backend.tiny import TINY_DEFAULT_STEPS, TINY_NATIVE_SIZE, TINY_T5_SEQUENCE_LENGTH
+from diffusers_backend.tiny import (
+    TINY_DEFAULT_GUIDANCE,
+    TINY_DEFAULT_STEPS,
+    TINY_NATIVE_SIZE,
+    TINY_T5_SEQUENCE_LENGTH,
+)
 
 from .paths import MODEL_REPOSITORY, TINY_PIPELINES, TINY_REPOSITORY
 
@@ -81,7 +86,7 @@ def _closing_line_of_parameters(lines: list[str]) -> int:
 
 def tiny_config(real_config: str, real_name: str, pipeline_folder: Path, model_directory: Path) -> str:
     """The tiny model's config: CPU instances, the local tiny pipeline, served as ``tiny-<name>``, with the
-    defaults it was trained for (size, steps, T5 length)."""
+    defaults it was trained for (size, steps, guidance, T5 length)."""
     name = TINY_PREFIX + real_name
     text = real_config.replace(f'name: "{real_name}"', f'name: "{name}"', 1)
     text = with_cpu_instances(text, TINY_CPU_INSTANCES)
@@ -95,6 +100,8 @@ def tiny_config(real_config: str, real_name: str, pipeline_folder: Path, model_d
     }
     if real_name in TINY_DEFAULT_STEPS:
         parameters["default_steps"] = str(TINY_DEFAULT_STEPS[real_name])
+    if real_name in TINY_DEFAULT_GUIDANCE:
+        parameters["default_guidance_scale"] = str(TINY_DEFAULT_GUIDANCE[real_name])
     if real_name in ("sd3", "flux"):
         parameters["max_sequence_length"] = str(TINY_T5_SEQUENCE_LENGTH)
     return header + with_parameters(text, parameters)

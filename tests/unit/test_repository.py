@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusers_backend.tiny import TINY_DEFAULT_GUIDANCE
 from triton_launcher.paths import MODEL_REPOSITORY
 from triton_launcher.repository import (
     FAMILY_MODELS,
@@ -36,6 +37,9 @@ def test_tiny_config_changes_only_name_kind_weights_and_trained_defaults_when_de
     assert (tiny_parameters["default_width"], tiny_parameters["default_height"]) == ("128", "128")
     assert tiny_parameters.get("default_steps") == {"sd15": "25", "sdxl": "25"}.get(model)
     assert tiny_parameters.get("max_sequence_length") == {"sd3": "64", "flux": "64"}.get(model)
+    # A lower guidance than the real models' for the three that take it (tiny-flux, like schnell, takes none).
+    assert tiny_parameters.get("default_guidance_scale") == (
+        None if model == "flux" else str(TINY_DEFAULT_GUIDANCE[model]))
     unchanged = {key: value for key, value in real_parameters.items() if key not in {"model_id", "variant"}}
     assert unchanged.items() <= tiny_parameters.items()
     # The tensor contract and batching are the real model's.
