@@ -53,6 +53,10 @@ class Scores:
     def shape_accuracy(self) -> float:
         return self.shapes_right / self.images if self.images else 0.0
 
+    def report(self) -> dict[str, Any]:
+        """The fields and both accuracies, as ``scores.json`` holds them."""
+        return {**asdict(self), "colour_accuracy": self.colour_accuracy, "shape_accuracy": self.shape_accuracy}
+
     def line(self) -> str:
         return (f"{self.model:<10} colours {self.colour_accuracy:6.1%}  shapes {self.shape_accuracy:6.1%}  "
                 f"colour share {self.mean_colour_share:5.3f}  ({self.images} images)")
@@ -212,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 scores, rows = score(render, model, scenes, seeds, **options)
                 write_png(arguments.out / f"{model}.png", contact_sheet(rows))
                 ceiling = vae_round_trip(family, scenes)
-                results[model] = {**asdict(scores), "colour_accuracy": scores.colour_accuracy,
-                                  "shape_accuracy": scores.shape_accuracy,
-                                  "vae_round_trip": {**asdict(ceiling), "colour_accuracy": ceiling.colour_accuracy,
-                                                     "shape_accuracy": ceiling.shape_accuracy}}
+                results[model] = {**scores.report(), "vae_round_trip": ceiling.report()}
                 print(scores.line(), flush=True)
                 print(f"{'':<10} the data through its VAE alone: colours {ceiling.colour_accuracy:6.1%}  "
                       f"shapes {ceiling.shape_accuracy:6.1%}", flush=True)
