@@ -5,7 +5,7 @@ server loads: the VAE, the denoiser (UNet or transformer) and every text encoder
 CLIPs, SD3's two CLIPs and T5, FLUX's CLIP and T5). The prompt goes through the pipeline's own ``encode_prompt``,
 so the model learns from exactly the conditioning it gets when it serves.
 
-Three stages within one time budget, on the CPU, seeded:
+Four stages, on the CPU, seeded, each within its time:
 
 1. a pool of captioned images is rendered (``--pool`` of them, :func:`workbench.shapes.example`);
 2. the VAE learns to reconstruct them (on 64-pixel crops: it is convolutional, and four times cheaper so), then
@@ -15,7 +15,12 @@ Three stages within one time budget, on the CPU, seeded:
    DDPM schedule for SD1.5 and SDXL, rectified flow (velocity, on the scheduler's shifted timesteps) for SD3 and
    FLUX. One caption in ten is dropped (the way each pipeline encodes "no prompt": SDXL's zeros, the others' empty
    string), so classifier-free guidance has an unconditional model to push away from. Cosine learning rate over
-   the remaining time, and an exponential moving average of the weights, which is what is saved.
+   the remaining time, and an exponential moving average of the weights, which is what is saved;
+4. the VAE's decoder alone is refined (``--decoder-minutes``), the encoder frozen so that the latents the
+   denoiser learnt stay what they were, with a learning rate that decays to zero. Stage 2 ends on whatever
+   iterate its constant rate last reached, and that decoder turns reds orange and purples blue; the real
+   models' VAEs were refined the same way (Stability AI's sd-vae-ft-mse fine-tuned only the decoder of SD's VAE,
+   to stay compatible with the trained UNet). ``--refine`` runs this stage alone on a trained weights file.
 
 Written to ``--out``: ``loss.jsonl`` (the loss curve), ``pipeline/`` (``save_pretrained``, for a look with
 diffusers) and ``FAMILY.safetensors``, the trained parameters in half precision with the VAE's factors in its
@@ -54,9 +59,11 @@ channel ("offset noise", N. Guttenberg, crosslabs.org, 2023) makes the model set
 
 @dataclass
 class Budget:
-    """Where a training run stands in its time budget."""
+    """Where a training run stands in its time budget: the VAE and the denoiser share ``main_s``, the decoder's
+    refinement has the rest of ``total_s``."""
 
     total_s: float
+    main_s: float
     started: float
 
     @property
@@ -64,7 +71,12 @@ class Budget:
         return time.monotonic() - self.started
 
     def spent(self, share: float = 1.0) -> bool:
-        return self.elapsed_s >= share * self.total_s
+        """Whether ``share`` of the main stages' time has gone."""
+        return self.elapsed_s >= share * self.main_s
+
+    @property
+    def over(self) -> bool:
+        return self.elapsed_s >= self.total_s
 
 
 def render_pool(count: int, size: int, seed: int) -> tuple[list[str], Any]:
@@ -125,6 +137,45 @@ def train_vae(vae: Any, pixels: Any, budget: Budget, *, share: float, batch_size
         if step % 10 == 0:
             progress("vae", step, float(loss))
     vae.eval().requires_grad_(False)
+
+
+def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, learning_rate: float,
+                   generator: Any, progress: Progress) -> int:
+    """Stage 4: fit the decoder to the frozen encoder's latents with a cosine-decayed rate; returns the steps.
+
+    Measured on SD1.5's tiny VAE (10 minutes, one core): its data set's held-out images through the VAE alone
+    kept the caption's colour for 36.8 % of captions after a constant rate, 100 % after a decayed one.
+    """
+    import torch
+
+    decoder = [vae.decoder, vae.post_quant_conv]
+    parameters = [parameter for module in decoder for parameter in module.parameters()]
+    vae.requires_grad_(False)
+    for module in decoder:
+        module.train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(parameters, lr=learning_rate)
+    started, step = budget.elapsed_s, 0
+    side = pixels.shape[-1]
+    while not budget.over:
+        done = (budget.elapsed_s - started) / max(1e-9, budget.total_s - started)
+        scale = min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * scale
+        chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
+        top, left = (int(value) for value in torch.randint(0, side - VAE_CROP + 1, (2,), generator=generator))
+        crop = pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
+        with torch.no_grad():
+            # Samples, not means, as stage 2 decoded: the denoiser's latents are never exactly the encoder's.
+            latents = vae.encode(crop).latent_dist.sample(generator)
+        loss = torch.nn.functional.mse_loss(vae.decode(latents).sample, crop)
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        step += 1
+        if step % 10 == 0:
+            progress("decoder", step, float(loss))
+    vae.eval().requires_grad_(False)
+    return step
 
 
 def encode_pool(vae: Any, pixels: Any, uses_shift: bool) -> Any:
@@ -259,7 +310,10 @@ def trained_modules(pipeline: Any) -> dict[str, Any]:
 
 
 def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int, pool: int, seed: int,
-          vae_share: float, vae_from: Path | None, learning_rate: float) -> Path:
+          vae_share: float, vae_from: Path | None, learning_rate: float, decoder_minutes: float,
+          refine: Path | None = None) -> Path:
+    """Train ``family`` for ``minutes``, then refine its decoder for ``decoder_minutes``; or, given ``refine`` (a
+    trained weights file), only the latter. Returns the weights file written into ``out``."""
     import torch
 
     from diffusers_backend.tiny_pipelines import build_tiny_pipeline, save_tiny_weights
@@ -268,10 +322,40 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
     generator = torch.Generator().manual_seed(seed)
     pipeline = build_tiny_pipeline(family, trained=False)
     out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(minutes * 60, time.monotonic())
+    main_minutes = 0.0 if refine is not None else minutes
+    budget = Budget((main_minutes + decoder_minutes) * 60, main_minutes * 60, time.monotonic())
     progress = Progress(out / "loss.jsonl", budget)
 
     captions, pixels = render_pool(pool, size, seed)
+    if refine is not None:
+        load_tiny_weights(pipeline, refine)
+        metadata = weights_metadata(refine)
+    else:
+        metadata = {"steps": str(train_main(pipeline, family, captions, pixels, budget, batch_size=batch_size,
+                                            vae_share=vae_share, vae_from=vae_from, learning_rate=learning_rate,
+                                            generator=generator, progress=progress)),
+                    "minutes": f"{minutes:g}", "seed": str(seed)}
+    decoder_steps = refine_decoder(pipeline.vae, pixels, budget, batch_size=batch_size, learning_rate=1e-3,
+                                   generator=generator, progress=progress)
+    progress.close()
+    metadata.update({"decoder_steps": str(decoder_steps), "decoder_minutes": f"{decoder_minutes:g}"})
+    pipeline.save_pretrained(out / "pipeline", safe_serialization=True)
+    weights = out / f"{family}.safetensors"
+    save_tiny_weights(pipeline, weights, metadata)
+    print(f"{family}: {metadata['steps']} denoiser steps, {decoder_steps} decoder steps in "
+          f"{budget.elapsed_s / 60:.1f} min; weights in {weights}", file=sys.stderr)
+    return weights
+
+
+def train_main(pipeline: Any, family: str, captions: list[str], pixels: Any, budget: Budget, *, batch_size: int,
+               vae_share: float, vae_from: Path | None, learning_rate: float, generator: Any,
+               progress: Progress) -> int:
+    """Stages 2 and 3 within ``budget.main_s``: the VAE, then the denoiser and text encoders, whose exponential
+    moving averages replace them in ``pipeline``. Returns the denoiser's steps."""
+    import torch
+
+    from diffusers_backend.tiny_pipelines import build_tiny_pipeline
+
     uses_shift = "shift_factor" in pipeline.vae.config and pipeline.vae.config.shift_factor is not None
     if vae_from is not None:
         donor = build_tiny_pipeline(family, trained=False)
@@ -290,11 +374,12 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
     averages = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in modules.items()}
     optimiser = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     objective = OBJECTIVES[family]
+    pool = len(captions)
     denoiser_started = budget.elapsed_s
     step = 0
     while not budget.spent():
         # Linear warm-up, then a cosine decay that reaches zero as the time runs out.
-        remaining = (budget.elapsed_s - denoiser_started) / max(1e-9, budget.total_s - denoiser_started)
+        remaining = (budget.elapsed_s - denoiser_started) / max(1e-9, budget.main_s - denoiser_started)
         scale = min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, remaining)))
         for group in optimiser.param_groups:
             group["lr"] = learning_rate * scale
@@ -312,22 +397,29 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
         step += 1
         if step % 10 == 0:
             progress(family, step, float(loss))
-    progress.close()
     for name, average in averages.items():
-        pipeline.register_modules(**{name: average})  # type: ignore[no-untyped-call]
-    pipeline.save_pretrained(out / "pipeline", safe_serialization=True)
-    weights = out / f"{family}.safetensors"
-    save_tiny_weights(pipeline, weights, {"steps": str(step), "minutes": f"{minutes:g}", "seed": str(seed)})
-    print(f"{family}: {step} denoiser steps in {budget.elapsed_s / 60:.1f} min; weights in {weights}",
-          file=sys.stderr)
-    return weights
+        pipeline.register_modules(**{name: average})
+    return step
+
+
+def weights_metadata(weights: Path) -> dict[str, str]:
+    """The training facts (steps, minutes, seed) a weights file carries, without the VAE's factors."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as opened:
+        metadata = opened.metadata() or {}
+    return {key: value for key, value in metadata.items() if not key.startswith("vae.")}
 
 
 def load_vae_from(pipeline: Any, weights: Path) -> None:
     """Load only the VAE (and its factors) of a trained family's weights file into ``pipeline``."""
-    from diffusers_backend.tiny_pipelines import load_tiny_weights
-
     load_tiny_weights(pipeline, weights, components=("vae",))
+
+
+def load_tiny_weights(pipeline: Any, weights: Path, components: tuple[str, ...] | None = None) -> None:
+    from diffusers_backend.tiny_pipelines import load_tiny_weights as load
+
+    load(pipeline, weights, components=components)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights, the loss curve, the pipeline")
-    parser.add_argument("--minutes", type=float, default=20.0, help="time budget, all stages (default %(default)s)")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="time for the VAE and the denoiser (default %(default)s)")
+    parser.add_argument("--decoder-minutes", type=float, default=10.0,
+                        help="time for the decoder's refinement, after them (default %(default)s)")
+    parser.add_argument("--refine", type=Path, metavar="WEIGHTS",
+                        help="a trained FAMILY.safetensors: refine its decoder only, for --decoder-minutes")
     parser.add_argument("--size", type=int, default=128, help="training images' side in pixels (default %(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default %(default)s)")
     parser.add_argument("--pool", type=int, default=4096, help="images rendered to train on (default %(default)s)")
@@ -347,13 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true",
                         help="copy the weights to where --tiny, the demo and the tests load them from")
     arguments = parser.parse_args(argv)
-    if arguments.vae_from is not None and not arguments.vae_from.is_file():
-        parser.error(f"--vae-from {arguments.vae_from} is invalid: no such file (a FAMILY.safetensors written by "
-                     "scripts/train-tiny)")
+    for option, path in (("--vae-from", arguments.vae_from), ("--refine", arguments.refine)):
+        if path is not None and not path.is_file():
+            parser.error(f"{option} {path} is invalid: no such file (a FAMILY.safetensors written by "
+                         "scripts/train-tiny)")
+    if arguments.refine is not None and arguments.decoder_minutes <= 0:
+        parser.error(f"--decoder-minutes {arguments.decoder_minutes:g} is invalid with --refine: the refinement "
+                     "needs a time above 0")
     weights = train(arguments.family, arguments.out, arguments.minutes, size=arguments.size,
                     batch_size=arguments.batch, pool=arguments.pool, seed=arguments.seed,
                     vae_share=arguments.vae_share, vae_from=arguments.vae_from,
-                    learning_rate=arguments.learning_rate)
+                    learning_rate=arguments.learning_rate, decoder_minutes=arguments.decoder_minutes,
+                    refine=arguments.refine)
     if arguments.install:
         from diffusers_backend.tiny_pipelines import TRAINED_WEIGHTS
 

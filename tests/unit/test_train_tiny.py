@@ -1,0 +1,70 @@
+"""scripts/train-tiny's last stage, the decoder's refinement: the encoder, and so the latents the denoiser learnt,
+must not move; and the command line's errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffusers_backend.tiny_pipelines import build_tiny_pipeline  # noqa: E402
+from workbench import train_tiny  # noqa: E402
+
+
+class _Silent:
+    def __call__(self, stage: str, step: int, loss: float) -> None:
+        pass
+
+
+def _parameters(module: Any) -> dict[str, Any]:
+    return {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
+
+
+def test_refining_the_decoder_leaves_the_encoder_and_its_latents_as_they_were() -> None:
+    vae = build_tiny_pipeline("sd15").vae
+    _, pixels = train_tiny.render_pool(4, 64, seed=0)
+    encoder_before = _parameters(vae.encoder) | _parameters(vae.quant_conv)
+    decoder_before = _parameters(vae.decoder)
+    with torch.no_grad():
+        latents_before = vae.encode(pixels).latent_dist.mean
+    # The loop runs until its time is spent, so give it a second and no main stages.
+    budget = train_tiny.Budget(total_s=1.0, main_s=0.0, started=time.monotonic())
+
+    steps = train_tiny.refine_decoder(vae, pixels, budget, batch_size=2, learning_rate=1e-3,
+                                      generator=torch.Generator().manual_seed(0),
+                                      progress=_Silent())  # type: ignore[arg-type]
+
+    assert steps >= 1
+    encoder_after = _parameters(vae.encoder) | _parameters(vae.quant_conv)
+    assert all(torch.equal(encoder_before[name], encoder_after[name]) for name in encoder_before)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(pixels).latent_dist.mean, latents_before)
+    decoder_after = _parameters(vae.decoder)
+    assert any(not torch.equal(decoder_before[name], decoder_after[name]) for name in decoder_before)
+    assert not vae.training
+    assert not any(parameter.requires_grad for parameter in vae.parameters())
+
+
+@pytest.mark.parametrize("option", ["--refine", "--vae-from"])
+def test_a_weights_file_that_is_not_there_is_refused_by_name(option: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "sd15.safetensors"
+    with pytest.raises(SystemExit) as exited:
+        train_tiny.main(["sd15", "--out", str(tmp_path / "out"), option, str(missing)])
+
+    assert exited.value.code == 2
+    assert f"{option} {missing} is invalid: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refining_for_no_time_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "sd15.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train_tiny.main(["sd15", "--out", str(tmp_path / "out"), "--refine", str(weights), "--decoder-minutes", "0"])
+
+    assert "--decoder-minutes 0 is invalid with --refine" in capsys.readouterr().err
