@@ -148,7 +148,8 @@ def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, le
     """
     import torch
 
-    decoder = [vae.decoder, vae.post_quant_conv]
+    # SD3's and FLUX's VAEs have no post_quant_conv.
+    decoder = [module for module in (vae.decoder, vae.post_quant_conv) if module is not None]
     parameters = [parameter for module in decoder for parameter in module.parameters()]
     vae.requires_grad_(False)
     for module in decoder:

@@ -20,15 +20,18 @@ class _Silent:
         pass
 
 
-def _parameters(module: Any) -> dict[str, Any]:
-    return {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
+def _parameters(*modules: Any) -> dict[str, Any]:
+    # SD3's and FLUX's VAEs have neither quant_conv nor post_quant_conv.
+    return {f"{index}.{name}": parameter.detach().clone() for index, module in enumerate(modules)
+            if module is not None for name, parameter in module.named_parameters()}
 
 
-def test_refining_the_decoder_leaves_the_encoder_and_its_latents_as_they_were() -> None:
-    vae = build_tiny_pipeline("sd15").vae
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_refining_the_decoder_leaves_the_encoder_and_its_latents_as_they_were(family: str) -> None:
+    vae = build_tiny_pipeline(family).vae
     _, pixels = train_tiny.render_pool(4, 64, seed=0)
-    encoder_before = _parameters(vae.encoder) | _parameters(vae.quant_conv)
-    decoder_before = _parameters(vae.decoder)
+    encoder_before = _parameters(vae.encoder, vae.quant_conv)
+    decoder_before = _parameters(vae.decoder, vae.post_quant_conv)
     with torch.no_grad():
         latents_before = vae.encode(pixels).latent_dist.mean
     # The loop runs until its time is spent, so give it a second and no main stages.
@@ -39,11 +42,11 @@ def test_refining_the_decoder_leaves_the_encoder_and_its_latents_as_they_were() 
                                       progress=_Silent())  # type: ignore[arg-type]
 
     assert steps >= 1
-    encoder_after = _parameters(vae.encoder) | _parameters(vae.quant_conv)
+    encoder_after = _parameters(vae.encoder, vae.quant_conv)
     assert all(torch.equal(encoder_before[name], encoder_after[name]) for name in encoder_before)
     with torch.no_grad():
         assert torch.equal(vae.encode(pixels).latent_dist.mean, latents_before)
-    decoder_after = _parameters(vae.decoder)
+    decoder_after = _parameters(vae.decoder, vae.post_quant_conv)
     assert any(not torch.equal(decoder_before[name], decoder_after[name]) for name in decoder_before)
     assert not vae.training
     assert not any(parameter.requires_grad for parameter in vae.parameters())
