@@ -57,8 +57,11 @@ class DiffusionEngine:
         family = self.traits.family
         if family in (SD3, FLUX) and self.max_sequence_length is not None:
             arguments["max_sequence_length"] = self.max_sequence_length
-        if family is FLUX and first.negative_prompt is not None:
+        if family is FLUX and self.settings.true_cfg_scale > 1:
+            # FluxPipeline guides only when it has a negative prompt; with true CFG enabled every request is
+            # guided, away from the empty prompt when it names nothing to avoid (as the SD pipelines do).
             arguments["true_cfg_scale"] = self.settings.true_cfg_scale
+            arguments["negative_prompt"] = [request.negative_prompt or "" for request in group]
         if self.core_sharing is not None or stop_requested is not None or on_step is not None:
             arguments["callback_on_step_end"] = partial(self._after_step, steps=first.steps,
                                                         stop_requested=stop_requested, on_step=on_step)

@@ -282,7 +282,10 @@ def flux_objective(pipeline: Any, latents: Any, captions: list[str], generator: 
 
     from diffusers_backend.tiny import TINY_T5_SEQUENCE_LENGTH
 
-    # FLUX.1-schnell samples without classifier-free guidance: every caption is kept.
+    # FLUX.1-schnell and -dev sample without classifier-free guidance, but a model this small and this briefly
+    # trained draws blurred blobs without it; the tiny FLUX learns the empty caption too, so that it can be served
+    # with true CFG (the pipeline's true_cfg_scale, the empty string as the negative prompt).
+    captions, _ = _dropped(captions, generator)
     prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
         captions, captions, device="cpu",
         max_sequence_length=TINY_T5_SEQUENCE_LENGTH)

@@ -78,6 +78,17 @@ def test_flux_negative_prompt_changes_the_image_when_true_cfg_is_enabled(tiny_fo
     assert not np.array_equal(plain.image, negative.image)
 
 
+def test_flux_is_guided_away_from_the_empty_prompt_when_true_cfg_is_enabled_and_no_negative_prompt_given(
+    tiny_folders: dict[str, Path],
+) -> None:
+    request = arrays(prompt="a red cube", width=64, height=64, seed=3)
+    (unguided,) = load(tiny_folders["flux"]).execute([request])
+    (guided,) = load(tiny_folders["flux"], true_cfg_scale=4.0).execute([request])
+    assert isinstance(unguided, GeneratedImage)
+    assert isinstance(guided, GeneratedImage)
+    assert not np.array_equal(unguided.image, guided.image)
+
+
 def test_to_uint8_images_refuses_when_pixels_are_not_finite() -> None:
     images = torch.zeros(1, 3, 8, 8)
     images[0, 0, 0, 0] = float("nan")
