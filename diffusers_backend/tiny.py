@@ -57,11 +57,6 @@ with ``scripts/eval-tiny FAMILY --guidance G`` on the held-out captions (docs/mo
 FLUX.1-schnell, takes no guidance.
 """
 
-TINY_TRUE_CFG_SCALE = {"flux": 2.0}
-"""True classifier-free guidance of the tiny FLUX (the config's ``true_cfg_scale``), which the real FLUX.1
-models do without: they were distilled from a guided teacher, the tiny one was trained plainly for an hour, and
-unguided it draws blurred blobs. Measured with ``scripts/eval-tiny flux`` (docs/models.md)."""
-
 TINY_T5_SEQUENCE_LENGTH = 64
 """T5 tokens the tiny SD3 and FLUX models are trained and served with (their ``max_sequence_length``).
 

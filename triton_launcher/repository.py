@@ -18,7 +18,6 @@ from diffusers_backend.tiny import (
     TINY_DEFAULT_STEPS,
     TINY_NATIVE_SIZE,
     TINY_T5_SEQUENCE_LENGTH,
-    TINY_TRUE_CFG_SCALE,
 )
 
 from .paths import MODEL_REPOSITORY, TINY_PIPELINES, TINY_REPOSITORY
@@ -103,8 +102,6 @@ def tiny_config(real_config: str, real_name: str, pipeline_folder: Path, model_d
         parameters["default_steps"] = str(TINY_DEFAULT_STEPS[real_name])
     if real_name in TINY_DEFAULT_GUIDANCE:
         parameters["default_guidance_scale"] = str(TINY_DEFAULT_GUIDANCE[real_name])
-    if real_name in TINY_TRUE_CFG_SCALE:
-        parameters["true_cfg_scale"] = str(TINY_TRUE_CFG_SCALE[real_name])
     if real_name in ("sd3", "flux"):
         parameters["max_sequence_length"] = str(TINY_T5_SEQUENCE_LENGTH)
     return header + with_parameters(text, parameters)

@@ -135,7 +135,7 @@ def train_vae(vae: Any, pixels: Any, budget: Budget, *, share: float, batch_size
         optimiser.step()
         step += 1
         if step % 10 == 0:
-            progress("vae", step, float(loss))
+            progress("vae", step, loss.item())
     vae.eval().requires_grad_(False)
 
 
@@ -174,7 +174,7 @@ def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, le
         optimiser.step()
         step += 1
         if step % 10 == 0:
-            progress("decoder", step, float(loss))
+            progress("decoder", step, loss.item())
     vae.eval().requires_grad_(False)
     return step
 
@@ -282,10 +282,7 @@ def flux_objective(pipeline: Any, latents: Any, captions: list[str], generator: 
 
     from diffusers_backend.tiny import TINY_T5_SEQUENCE_LENGTH
 
-    # FLUX.1-schnell and -dev sample without classifier-free guidance, but a model this small and this briefly
-    # trained draws blurred blobs without it; the tiny FLUX learns the empty caption too, so that it can be served
-    # with true CFG (the pipeline's true_cfg_scale, the empty string as the negative prompt).
-    captions, _ = _dropped(captions, generator)
+    # FLUX.1-schnell samples without classifier-free guidance: every caption is kept.
     prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
         captions, captions, device="cpu",
         max_sequence_length=TINY_T5_SEQUENCE_LENGTH)
@@ -400,7 +397,7 @@ def train_main(pipeline: Any, family: str, captions: list[str], pixels: Any, bud
                     average.lerp_(current, 1 - decay)
         step += 1
         if step % 10 == 0:
-            progress(family, step, float(loss))
+            progress(family, step, loss.item())
     for name, average in averages.items():
         pipeline.register_modules(**{name: average})
     return step

@@ -89,6 +89,12 @@ def test_wrongly_typed_or_shaped_tensor_fails_with_invalid_arg_naming_it_when_se
     assert_invalid_argument(caught.value, "WIDTH")
 
 
+def test_negative_prompt_fails_with_invalid_arg_when_flux_has_no_true_cfg(generator: Generator) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        generator.infer("tiny-flux", contract.TextToImage("a", negative_prompt="blurry"))
+    assert_invalid_argument(caught.value, "NEGATIVE_PROMPT=", "true_cfg_scale")
+
+
 def test_guidance_fails_with_invalid_arg_when_flux_is_guidance_distilled(generator: Generator) -> None:
     with pytest.raises(InferenceServerException) as caught:
         generator.infer("tiny-flux", contract.TextToImage("a", guidance_scale=3.5))

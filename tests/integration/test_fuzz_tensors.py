@@ -123,11 +123,11 @@ def is_utf8(raw: bytes) -> bool:
 
 def valid_values(model: str) -> dict[str, st.SearchStrategy[Tensor]]:
     side = st.integers(1, 16).map(lambda n: np.array([[n * 16]], dtype=np.int32))
-    # SD1.5 uses a negative prompt only above guidance 1; schnell takes no guidance, and tiny-flux takes a negative
-    # prompt through the true CFG its config enables.
+    # SD1.5 uses a negative prompt only above guidance 1; schnell takes no guidance and no negative prompt, where
+    # an empty one means "none".
     guided = model != "tiny-flux"
     guidance = st.floats(1.5, MAX_GUIDANCE_SCALE, width=32) if guided else st.just(0.0)
-    negative = VISIBLE_TEXT.map(str.encode)
+    negative = VISIBLE_TEXT.map(str.encode) if guided else st.sampled_from([b"", b"  "])
     return {
         "PROMPT": VISIBLE_TEXT.map(lambda text: text_tensor("PROMPT", text.encode())),
         "NEGATIVE_PROMPT": negative.map(lambda raw: text_tensor("NEGATIVE_PROMPT", raw)),
@@ -156,6 +156,8 @@ def invalid_values(model: str, large_prompts: bool) -> dict[str, st.SearchStrate
             lambda unit_and_size: unit_and_size[0] * (unit_and_size[1] // len(unit_and_size[0]) + 1)),
     )
     bad_negative = bad_text.filter(lambda raw: not (is_utf8(raw) and not raw.decode().strip()))  # blank is "none"
+    if model == "tiny-flux":
+        bad_negative = st.one_of(bad_negative, VISIBLE_TEXT.map(str.encode))
     bad_sides = st.one_of(st.sampled_from([8192, 2**31 - 1, -(2**31), 0, MAX_SIDE + multiple]),
                           INT32.filter(bad_side))
     bad_guidance = st.one_of(

@@ -56,13 +56,6 @@ def test_negative_prompt_changes_the_image_when_family_uses_it(generator: Genera
     assert max_difference(plain.image, negative.image) > 8
 
 
-def test_tiny_flux_takes_a_negative_prompt_because_its_config_enables_true_cfg(generator: Generator) -> None:
-    # FLUX without true_cfg_scale > 1 refuses one (tests/unit/test_validation.py); tiny-flux's config enables it.
-    plain = generator.generate("tiny-flux", seed=5)
-    negative = generator.generate("tiny-flux", seed=5, negative_prompt="green, blurry, dark")
-    assert max_difference(plain.image, negative.image) > 8
-
-
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_defaults_are_the_size_the_model_was_trained_at_when_options_are_omitted(
     generator: Generator, model: str
