@@ -114,6 +114,12 @@ class Progress:
         self.curve.close()
 
 
+def warm_cosine(step: int, done: float) -> float:
+    """The learning rate's factor: a linear warm-up over WARMUP_STEPS, then a cosine decay that reaches zero when
+    ``done`` (the share of the stage's time gone) reaches 1."""
+    return min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def train_vae(vae: Any, pixels: Any, budget: Budget, *, share: float, batch_size: int, generator: Any,
               progress: Progress) -> None:
     """Reconstruction (with a small KL term that keeps the latents near a unit Gaussian) on random crops."""
@@ -159,9 +165,8 @@ def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, le
     side = pixels.shape[-1]
     while not budget.over:
         done = (budget.elapsed_s - started) / max(1e-9, budget.total_s - started)
-        scale = min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate * scale
+            group["lr"] = learning_rate * warm_cosine(step, done)
         chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
         top, left = (int(value) for value in torch.randint(0, side - VAE_CROP + 1, (2,), generator=generator))
         crop = pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
@@ -379,11 +384,9 @@ def train_main(pipeline: Any, family: str, captions: list[str], pixels: Any, bud
     denoiser_started = budget.elapsed_s
     step = 0
     while not budget.spent():
-        # Linear warm-up, then a cosine decay that reaches zero as the time runs out.
-        remaining = (budget.elapsed_s - denoiser_started) / max(1e-9, budget.main_s - denoiser_started)
-        scale = min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(1.0, remaining)))
+        done = (budget.elapsed_s - denoiser_started) / max(1e-9, budget.main_s - denoiser_started)
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate * scale
+            group["lr"] = learning_rate * warm_cosine(step, done)
         chosen = torch.randint(0, pool, (batch_size,), generator=generator)
         loss = objective(pipeline, latents[chosen], [captions[int(index)] for index in chosen], generator)
         optimiser.zero_grad()

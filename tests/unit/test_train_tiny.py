@@ -71,3 +71,12 @@ def test_refining_for_no_time_is_refused(tmp_path: Path, capsys: pytest.CaptureF
         train_tiny.main(["sd15", "--out", str(tmp_path / "out"), "--refine", str(weights), "--decoder-minutes", "0"])
 
     assert "--decoder-minutes 0 is invalid with --refine" in capsys.readouterr().err
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero_as_the_time_runs_out() -> None:
+    warm_up = train_tiny.WARMUP_STEPS
+    assert train_tiny.warm_cosine(0, 0.0) == pytest.approx(1 / warm_up)
+    assert train_tiny.warm_cosine(warm_up - 1, 0.0) == pytest.approx(1.0)
+    assert train_tiny.warm_cosine(10 * warm_up, 0.5) == pytest.approx(0.5)
+    assert train_tiny.warm_cosine(10 * warm_up, 1.0) == pytest.approx(0.0)
+    assert train_tiny.warm_cosine(10 * warm_up, 1.5) == pytest.approx(0.0)  # a step that starts after the time
