@@ -28,6 +28,7 @@ import numpy as np
 from inference_client import contract
 
 from . import shapes
+from .train_tiny import model_pixels
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 DEFAULT_SEEDS = (0, 1)
@@ -136,10 +137,9 @@ def _tally(scores: Scores, scene: shapes.Scene, image: np.ndarray, label: str) -
 def vae_round_trip(family: str, scenes: Sequence[shapes.Scene], *, trained: bool = True, seed: int = 0) -> Scores:
     """The scores of the data set's own images of ``scenes`` once the family's VAE has encoded and decoded them.
 
-    What the judge makes of a perfect denoiser's output, roughly the most the model can score. The tiny VAEs,
-    trained for minutes, shift some colours to the palette's next hue (red to orange, purple to blue): measured,
-    tiny-sd15's and tiny-sd3's colour scores are their VAEs' (tiny-flux's denoiser learned to aim off its VAE's
-    shift and scores more).
+    What the judge makes of a perfect denoiser's output, roughly the most the model can score. Before their
+    decoders were refined (scripts/train-tiny's fourth stage) the tiny VAEs shifted some colours to the palette's
+    next hue (red to orange, purple to blue), and tiny-sd15's and tiny-sd3's colour scores were their VAEs'.
     """
     import torch
 
@@ -150,7 +150,7 @@ def vae_round_trip(family: str, scenes: Sequence[shapes.Scene], *, trained: bool
     vae = build_tiny_pipeline(family, trained=trained).vae
     rng = np.random.default_rng(seed)
     originals = np.stack([shapes.render(scene, TINY_NATIVE_SIZE, rng) for scene in scenes])
-    pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels = model_pixels(originals)
     with torch.no_grad():
         decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1.0, 1.0)
     images = ((decoded.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().astype(np.uint8)

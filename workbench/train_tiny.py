@@ -79,17 +79,30 @@ class Budget:
         return self.elapsed_s >= self.total_s
 
 
-def render_pool(count: int, size: int, seed: int) -> tuple[list[str], Any]:
-    """``count`` training examples as captions and a float tensor in [-1, 1], NCHW."""
+def model_pixels(images: np.ndarray) -> Any:
+    """uint8 images, NHWC, as the VAE takes them: a float tensor in [-1, 1], NCHW."""
     import torch
 
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def render_pool(count: int, size: int, seed: int) -> tuple[list[str], Any]:
+    """``count`` training examples as captions and :func:`model_pixels`."""
     captions, images = [], []
     for index in range(count):
         caption, image = shapes.example(index, size, seed)
         captions.append(caption)
         images.append(image)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return captions, pixels
+    return captions, model_pixels(np.stack(images))
+
+
+def random_crops(pixels: Any, batch_size: int, generator: Any) -> Any:
+    """``batch_size`` images of the pool, all cropped to the same random VAE_CROP-pixel square."""
+    import torch
+
+    chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
+    top, left = (int(value) for value in torch.randint(0, pixels.shape[-1] - VAE_CROP + 1, (2,), generator=generator))
+    return pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
 
 
 class Progress:
@@ -128,11 +141,8 @@ def train_vae(vae: Any, pixels: Any, budget: Budget, *, share: float, batch_size
     vae.train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     step = 0
-    side = pixels.shape[-1]
     while not budget.spent(share):
-        chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
-        top, left = (int(value) for value in torch.randint(0, side - VAE_CROP + 1, (2,), generator=generator))
-        crop = pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
+        crop = random_crops(pixels, batch_size, generator)
         posterior = vae.encode(crop).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = torch.nn.functional.mse_loss(reconstruction, crop) + 1e-6 * posterior.kl().mean()
@@ -162,14 +172,11 @@ def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, le
         module.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(parameters, lr=learning_rate)
     started, step = budget.elapsed_s, 0
-    side = pixels.shape[-1]
     while not budget.over:
         done = (budget.elapsed_s - started) / max(1e-9, budget.total_s - started)
         for group in optimiser.param_groups:
             group["lr"] = learning_rate * warm_cosine(step, done)
-        chosen = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
-        top, left = (int(value) for value in torch.randint(0, side - VAE_CROP + 1, (2,), generator=generator))
-        crop = pixels[chosen, :, top:top + VAE_CROP, left:left + VAE_CROP]
+        crop = random_crops(pixels, batch_size, generator)
         with torch.no_grad():
             # Samples, not means, as stage 2 decoded: the denoiser's latents are never exactly the encoder's.
             latents = vae.encode(crop).latent_dist.sample(generator)
@@ -322,7 +329,7 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
     trained weights file), only the latter. Returns the weights file written into ``out``."""
     import torch
 
-    from diffusers_backend.tiny_pipelines import build_tiny_pipeline, save_tiny_weights
+    from diffusers_backend.tiny_pipelines import build_tiny_pipeline, load_tiny_weights, save_tiny_weights
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -417,13 +424,12 @@ def weights_metadata(weights: Path) -> dict[str, str]:
 
 def load_vae_from(pipeline: Any, weights: Path) -> None:
     """Load only the VAE (and its factors) of a trained family's weights file into ``pipeline``."""
+    from diffusers_backend.tiny_pipelines import load_tiny_weights
+
     load_tiny_weights(pipeline, weights, components=("vae",))
 
 
-def load_tiny_weights(pipeline: Any, weights: Path, components: tuple[str, ...] | None = None) -> None:
-    from diffusers_backend.tiny_pipelines import load_tiny_weights as load
 
-    load(pipeline, weights, components=components)
 
 
 def main(argv: list[str] | None = None) -> int:
