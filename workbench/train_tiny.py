@@ -13,8 +13,9 @@ Four stages, on the CPU, seeded, each within its time:
    ``--vae-from`` reuses another family's trained VAE with the same latent channels instead;
 3. the denoiser and the text encoders learn together with the family's own objective: noise prediction on the
    DDPM schedule for SD1.5 and SDXL, rectified flow (velocity, on the scheduler's shifted timesteps) for SD3 and
-   FLUX. One caption in ten is dropped (the way each pipeline encodes "no prompt": SDXL's zeros, the others' empty
-   string), so classifier-free guidance has an unconditional model to push away from. Cosine learning rate over
+   FLUX. For the guided families one caption in ten is dropped (the way each pipeline encodes "no prompt": SDXL's
+   zeros, SD1.5's and SD3's empty string), so classifier-free guidance has an unconditional model to push away
+   from; FLUX, which samples without guidance as FLUX.1-schnell does, keeps every caption. Cosine learning rate over
    the remaining time, and an exponential moving average of the weights, which is what is saved;
 4. the VAE's decoder alone is refined (``--decoder-minutes``), the encoder frozen so that the latents the
    denoiser learnt stay what they were, with a learning rate that decays to zero. Stage 2 ends on whatever
