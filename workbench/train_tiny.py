@@ -192,15 +192,20 @@ def refine_decoder(vae: Any, pixels: Any, budget: Budget, *, batch_size: int, le
     return step
 
 
-def encode_pool(vae: Any, pixels: Any, uses_shift: bool) -> Any:
-    """The pool's latents (the posterior means), normalised as the pipelines expect; sets the VAE's factors."""
+def encode_pool(vae: Any, pixels: Any, uses_shift: bool, *, keep_factors: bool = False) -> Any:
+    """The pool's latents (the posterior means), normalised as the pipelines expect; sets the VAE's factors from
+    them, or with ``keep_factors`` uses those it has (a denoiser trained on them goes on training)."""
     import torch
 
     with torch.no_grad():
         means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
-    shift = float(means.mean()) if uses_shift else 0.0
-    scale = 1.0 / float((means - shift).std())
-    vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if uses_shift else {}))
+    if keep_factors:
+        shift = float(vae.config.shift_factor) if uses_shift else 0.0
+        scale = float(vae.config.scaling_factor)
+    else:
+        shift = float(means.mean()) if uses_shift else 0.0
+        scale = 1.0 / float((means - shift).std())
+        vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if uses_shift else {}))
     return (means - shift) * scale
 
 
@@ -325,9 +330,10 @@ def trained_modules(pipeline: Any) -> dict[str, Any]:
 
 def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int, pool: int, seed: int,
           vae_share: float, vae_from: Path | None, learning_rate: float, decoder_minutes: float,
-          refine: Path | None = None) -> Path:
+          refine: Path | None = None, init: Path | None = None) -> Path:
     """Train ``family`` for ``minutes``, then refine its decoder for ``decoder_minutes``; or, given ``refine`` (a
-    trained weights file), only the latter. Returns the weights file written into ``out``."""
+    trained weights file), only the latter. Given ``init`` (a trained weights file), stage 3 starts from its
+    denoiser and text encoders and keeps its VAE. Returns the weights file written into ``out``."""
     import torch
 
     from diffusers_backend.tiny_pipelines import build_tiny_pipeline, load_tiny_weights, save_tiny_weights
@@ -345,10 +351,16 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
         load_tiny_weights(pipeline, refine)
         metadata = weights_metadata(refine)
     else:
-        metadata = {"steps": str(train_main(pipeline, family, captions, pixels, budget, batch_size=batch_size,
-                                            vae_share=vae_share, vae_from=vae_from, learning_rate=learning_rate,
-                                            generator=generator, progress=progress)),
-                    "minutes": f"{minutes:g}", "seed": str(seed)}
+        metadata = {}
+        if init is not None:
+            load_tiny_weights(pipeline, init)
+            metadata = {f"init_{key}": value for key, value in weights_metadata(init).items()
+                        if key in ("steps", "minutes", "seed")}
+        metadata.update({"steps": str(train_main(pipeline, family, captions, pixels, budget, batch_size=batch_size,
+                                                 vae_share=vae_share, vae_from=vae_from, vae_trained=init is not None,
+                                                 learning_rate=learning_rate, generator=generator,
+                                                 progress=progress)),
+                         "minutes": f"{minutes:g}", "seed": str(seed)})
     decoder_steps = refine_decoder(pipeline.vae, pixels, budget, batch_size=batch_size, learning_rate=1e-3,
                                    generator=generator, progress=progress)
     progress.close()
@@ -363,15 +375,18 @@ def train(family: str, out: Path, minutes: float, *, size: int, batch_size: int,
 
 def train_main(pipeline: Any, family: str, captions: list[str], pixels: Any, budget: Budget, *, batch_size: int,
                vae_share: float, vae_from: Path | None, learning_rate: float, generator: Any,
-               progress: Progress) -> int:
-    """Stages 2 and 3 within ``budget.main_s``: the VAE, then the denoiser and text encoders, whose exponential
-    moving averages replace them in ``pipeline``. Returns the denoiser's steps."""
+               progress: Progress, vae_trained: bool = False) -> int:
+    """Stages 2 and 3 within ``budget.main_s``: the VAE (unless ``vae_trained``: it is kept as it is), then the
+    denoiser and text encoders, whose exponential moving averages replace them in ``pipeline``. Returns the
+    denoiser's steps."""
     import torch
 
     from diffusers_backend.tiny_pipelines import build_tiny_pipeline
 
     uses_shift = "shift_factor" in pipeline.vae.config and pipeline.vae.config.shift_factor is not None
-    if vae_from is not None:
+    if vae_trained:
+        pipeline.vae.eval().requires_grad_(False)
+    elif vae_from is not None:
         donor = build_tiny_pipeline(family, trained=False)
         load_vae_from(donor, vae_from)
         pipeline.vae.load_state_dict(donor.vae.state_dict())
@@ -379,7 +394,7 @@ def train_main(pipeline: Any, family: str, captions: list[str], pixels: Any, bud
     else:
         train_vae(pipeline.vae, pixels, budget, share=vae_share, batch_size=batch_size, generator=generator,
                   progress=progress)
-    latents = encode_pool(pipeline.vae, pixels, uses_shift)
+    latents = encode_pool(pipeline.vae, pixels, uses_shift, keep_factors=vae_trained)
 
     modules = trained_modules(pipeline)
     parameters = [parameter for module in modules.values() for parameter in module.parameters()]
@@ -452,13 +467,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-share", type=float, default=0.25,
                         help="share of the time for the VAE (default %(default)s)")
     parser.add_argument("--vae-from", type=Path, help="a trained FAMILY.safetensors whose VAE to reuse, untrained")
+    parser.add_argument("--init", type=Path, metavar="WEIGHTS",
+                        help="a trained FAMILY.safetensors to go on training: its VAE kept, its denoiser and text "
+                             "encoders trained for --minutes more")
     parser.add_argument("--install", action="store_true",
                         help="copy the weights to where --tiny, the demo and the tests load them from")
     arguments = parser.parse_args(argv)
-    for option, path in (("--vae-from", arguments.vae_from), ("--refine", arguments.refine)):
+    for option, path in (("--vae-from", arguments.vae_from), ("--refine", arguments.refine),
+                         ("--init", arguments.init)):
         if path is not None and not path.is_file():
             parser.error(f"{option} {path} is invalid: no such file (a FAMILY.safetensors written by "
                          "scripts/train-tiny)")
+    chosen = [option for option, value in (("--refine", arguments.refine), ("--init", arguments.init),
+                                           ("--vae-from", arguments.vae_from)) if value is not None]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join(chosen)} are invalid together: --refine trains the decoder of a file, --init "
+                     "goes on training a file with its own VAE, --vae-from starts afresh with another's VAE")
     if arguments.refine is not None and arguments.decoder_minutes <= 0:
         parser.error(f"--decoder-minutes {arguments.decoder_minutes:g} is invalid with --refine: the refinement "
                      "needs a time above 0")
@@ -466,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch_size=arguments.batch, pool=arguments.pool, seed=arguments.seed,
                     vae_share=arguments.vae_share, vae_from=arguments.vae_from,
                     learning_rate=arguments.learning_rate, decoder_minutes=arguments.decoder_minutes,
-                    refine=arguments.refine)
+                    refine=arguments.refine, init=arguments.init)
     if arguments.install:
         from diffusers_backend.tiny_pipelines import TRAINED_WEIGHTS
 

@@ -1,5 +1,6 @@
 """scripts/train-tiny's last stage, the decoder's refinement: the encoder, and so the latents the denoiser learnt,
-must not move; and the command line's errors."""
+must not move; going on training a trained file (``--init``): its VAE must not move; and the command line's
+errors."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_refining_the_decoder_leaves_the_encoder_and_its_latents_as_they_were(fa
     assert not any(parameter.requires_grad for parameter in vae.parameters())
 
 
-@pytest.mark.parametrize("option", ["--refine", "--vae-from"])
+@pytest.mark.parametrize("option", ["--refine", "--vae-from", "--init"])
 def test_a_weights_file_that_is_not_there_is_refused_by_name(option: str, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "sd15.safetensors"
@@ -62,6 +63,40 @@ def test_a_weights_file_that_is_not_there_is_refused_by_name(option: str, tmp_pa
     assert exited.value.code == 2
     assert f"{option} {missing} is invalid: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_going_on_training_keeps_the_vae_and_its_factors_and_trains_the_denoiser(tmp_path: Path) -> None:
+    from diffusers_backend.tiny_pipelines import load_tiny_weights, save_tiny_weights
+
+    trained = build_tiny_pipeline("sd15", trained=False)
+    trained.vae.register_to_config(scaling_factor=0.25)  # not what this pool's latents would give
+    init = tmp_path / "sd15.safetensors"
+    save_tiny_weights(trained, init, {"steps": "1234", "minutes": "40", "seed": "0"})
+
+    # Six seconds of stage 3 (less what loading takes) and no decoder stage: the loop runs until its time is spent.
+    weights = train_tiny.train("sd15", tmp_path / "out", 0.1, size=64, batch_size=2, pool=4, seed=1,
+                               vae_share=0.25, vae_from=None, learning_rate=1e-3, decoder_minutes=0, init=init)
+
+    before, after = build_tiny_pipeline("sd15", trained=False), build_tiny_pipeline("sd15", trained=False)
+    load_tiny_weights(before, init)
+    load_tiny_weights(after, weights)
+    vae_before, vae_after = _parameters(before.vae), _parameters(after.vae)
+    assert all(torch.equal(vae_before[name], vae_after[name]) for name in vae_before)
+    assert after.vae.config.scaling_factor == 0.25
+    unet_before, unet_after = _parameters(before.unet), _parameters(after.unet)
+    assert any(not torch.equal(unet_before[name], unet_after[name]) for name in unet_before)
+    metadata = train_tiny.weights_metadata(weights)
+    assert (metadata["init_steps"], metadata["init_minutes"]) == ("1234", "40")
+    assert int(metadata["steps"]) >= 1
+
+
+def test_init_with_another_starting_point_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "sd15.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train_tiny.main(["sd15", "--out", str(tmp_path / "out"), "--init", str(weights), "--vae-from", str(weights)])
+
+    assert "--init and --vae-from are invalid together" in capsys.readouterr().err
 
 
 def test_refining_for_no_time_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
