@@ -48,11 +48,73 @@ _WAIT_FOR_CORE_S = 0.001
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    """Cores this process may use: its affinity mask (which taskset and cpusets narrow), lowered to its cgroup's
+    CPU quota where that is smaller (what a Kubernetes CPU limit sets, while the mask still shows the node's
+    every core): more torch threads than the quota lets run get throttled in turn and spin, as oversubscribed
+    cores do."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is None:
+        return cores
+    # Whole cores, at least one: a fraction of a core cannot run a thread of its own.
+    return max(1, min(cores, int(quota)))
+
+
+def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                     root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota (in cores, e.g. 2.5) of this process's cgroup and of those above it, the smallest; None
+    when none is set or the files cannot be read. cgroup v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` under
+    the ``cpu`` controller's mount) where the cpu controller is mounted there, else v2 (``cpu.max``)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    for _, controllers, path in entries:
+        if "cpu" in controllers.split(","):
+            mount = next((root / name for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / name).is_dir()),
+                         None)
+            if mount is not None:
+                return _smallest_quota(mount, path, _v1_quota)
+    for hierarchy, controllers, path in entries:
+        if hierarchy == "0" and controllers == "":
+            return _smallest_quota(root, path, _v2_quota)
+    return None
+
+
+def _smallest_quota(mount: Path, path: str, read: Callable[[Path], float | None]) -> float | None:
+    # Inside a container with its own cgroup namespace the path is "/" and the mount is the container's own
+    # group; on a host it names the group below the mount. Limits nest, so every level up to the mount counts.
+    directory = mount / path.strip("/")
+    quotas = []
+    while True:
+        quota = read(directory)
+        if quota is not None:
+            quotas.append(quota)
+        if directory == mount or mount not in directory.parents:
+            break
+        directory = directory.parent
+    return min(quotas, default=None)
+
+
+def _v2_quota(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()
+        return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 def private_directory(parent: Path | None = None) -> Path | None:

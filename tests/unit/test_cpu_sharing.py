@@ -162,5 +162,62 @@ def test_private_directory_refuses_when_it_is_a_symlink(tmp_path: Path) -> None:
     assert private_directory(tmp_path) is None
 
 
-def test_available_cores_counts_the_affinity_mask_when_on_linux() -> None:
+def test_available_cores_counts_the_affinity_mask_when_no_quota_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_sharing, "cgroup_cpu_quota", lambda: None)
     assert cpu_sharing.available_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("quota", "expected"), [(0.5, 1), (1.0, 1), (1.9, 1), (1000.0, None)])
+def test_available_cores_is_lowered_to_whole_cores_of_the_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, quota: float, expected: int | None
+) -> None:
+    monkeypatch.setattr(cpu_sharing, "cgroup_cpu_quota", lambda: quota)
+    assert cpu_sharing.available_cores() == (expected or len(os.sched_getaffinity(0)))
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_smallest_on_the_way_up_to_the_mount(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"proc": "0::/kubepods/pod1/container\n",
+                          "cg/cpu.max": "max 100000\n",
+                          "cg/kubepods/cpu.max": "800000 100000\n",
+                          "cg/kubepods/pod1/cpu.max": "250000 100000\n",
+                          "cg/kubepods/pod1/container/cpu.max": "max 100000\n"})
+    assert cpu_sharing.cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 2.5
+
+
+def test_cgroup_v2_in_its_own_namespace_reads_the_mounts_own_limit(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"proc": "0::/\n", "cg/cpu.max": "150000 100000\n"})
+    assert cpu_sharing.cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 1.5
+
+
+def test_cgroup_v2_without_a_limit_is_none(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"proc": "0::/\n", "cg/cpu.max": "max 100000\n"})
+    assert cpu_sharing.cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") is None
+
+
+def test_cgroup_v1_cpu_controller_wins_over_the_unified_line(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"proc": "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n0::/\n",
+                          "cg/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+                          "cg/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+                          "cg/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                          "cg/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+                          "cg/cpu.max": "100000 100000\n"})
+    assert cpu_sharing.cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 3.0
+
+
+@pytest.mark.parametrize("files", [
+    {},                                                        # no /proc/self/cgroup (not Linux)
+    {"proc": "0::/\n"},                                        # no cpu.max (controller not enabled)
+    {"proc": "0::/\n", "cg/cpu.max": "garbage\n"},
+    {"proc": "0::/\n", "cg/cpu.max": "100000 0\n"},
+    {"proc": "1:cpu:/\n", "cg/cpu/cpu.cfs_quota_us": "-1\n", "cg/cpu/cpu.cfs_period_us": "100000\n"},
+])
+def test_cgroup_quota_is_none_when_unset_or_unreadable(tmp_path: Path, files: dict[str, str]) -> None:
+    (tmp_path / "cg").mkdir()
+    write_tree(tmp_path, files)
+    assert cpu_sharing.cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") is None
