@@ -88,15 +88,8 @@ def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"),
 def _smallest_quota(mount: Path, path: str, read: Callable[[Path], float | None]) -> float | None:
     # Inside a container with its own cgroup namespace the path is "/" and the mount is the container's own
     # group; on a host it names the group below the mount. Limits nest, so every level up to the mount counts.
-    directory = mount / path.strip("/")
-    quotas = []
-    while True:
-        quota = read(directory)
-        if quota is not None:
-            quotas.append(quota)
-        if directory == mount or mount not in directory.parents:
-            break
-        directory = directory.parent
+    group = Path(path.strip("/"))
+    quotas = [quota for level in (group, *group.parents) if (quota := read(mount / level)) is not None]
     return min(quotas, default=None)
 
 

@@ -270,7 +270,8 @@ _SD3_FLOW_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 # FLUX.1-schnell's scheduler (static schedule; FLUX.1-dev shifts by resolution instead) except for the shift:
 # schnell's is 1.0, which suits a model distilled to draw in 4 steps. The tiny FLUX is not distilled; trained and
 # sampled with SD3's static shift of 3, which spends more of its training and of the 4 steps at high noise, where
-# a shape's outline is decided, it draws 81.6 % of held-out shapes, against 60.5 % unshifted (docs/models.md).
+# a shape's outline is decided, it drew 81.6 % of held-out shapes, against 60.5 % unshifted (the same 60-minute
+# recipe, with a VAE of its own; docs/models.md).
 _FLUX_FLOW_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "shift": 3.0,
